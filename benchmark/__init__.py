@@ -1,0 +1,1 @@
+"""dfkd-bench harness: CLI, data, model zoo, teachers, runner, tracking, tuning, plots, tables."""

@@ -1,0 +1,4 @@
+"""``python -m benchmark`` = ``dfkd-bench``."""
+from .cli import main
+
+main()

@@ -1,0 +1,63 @@
+"""``dfkd-bench distill``: one method, one dataset, one budget, one seed."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from methods.core.api import Budget
+
+from ..experiment import RunSpec, execute, summary, validate
+from ..progress import ProgressBar
+from ..settings import Settings
+from .app import common_options, main, parse_sets
+
+
+@main.command("distill")
+@click.option("--method", required=True, help="Registered method (see `dfkd-bench methods`).")
+@click.option("--dataset", required=True, help="Dataset name, e.g. mnist.")
+@click.option("--teacher", required=True, help="Teacher arch (cached; see `dfkd-bench teachers list`).")
+@click.option("--student", required=True, help="Student arch from the zoo.")
+@click.option("--collected", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Collected real examples the method may use (labels withheld).")
+@click.option("--source", default=None, help="Collected pool, <dataset>:train (default: the teacher's train-core).")
+@click.option("--unbalanced", is_flag=True, help="Draw collected examples uniformly instead of class-balanced.")
+@click.option("--iterations", type=click.IntRange(min=1), default=None, help="Override the recipe's iterations.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Override the recipe's batch size.")
+@click.option("--profile", default="quick", show_default=True, help="Recipe profile: quick (CPU minutes) or paper.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a hyperparameter (repeatable).")
+@click.option("--amp", type=click.Choice(["auto", "bf16", "off"]), default="auto", show_default=True,
+              help="auto = bf16 autocast on CUDA, fp32 on CPU.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (accuracies as fractions).")
+@common_options
+def distill_command(method: str, dataset: str, teacher: str, student: str, collected: int, source: str | None,
+                    unbalanced: bool, iterations: int | None, batch_size: int | None, profile: str, seed: int,
+                    sets: tuple[str, ...], amp: str, as_json: bool, settings: Settings) -> None:
+    """Distil a cached teacher into a student with one method.
+
+    Example: dfkd-bench distill --method kd-collected --dataset mnist --teacher lenet5
+    --student lenet5-half --collected 100 --iterations 2000
+    """
+    budget = Budget(collected=collected, source=source, balanced=not unbalanced, iterations=iterations,
+                    batch_size=batch_size)
+    spec = RunSpec(method, dataset, teacher, student, budget, profile, seed, tuple(parse_sets(sets).items()), amp)
+    validate(spec, settings)
+    bar = ProgressBar(f"{method} {dataset}")
+    try:
+        result, _ = execute(spec, settings, callbacks=[bar])
+    finally:
+        bar.close()
+    out = summary(spec, result)
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"{method} on {dataset} ({teacher} -> {student}), collected {collected}, profile {profile}, seed {seed}")
+    click.echo(f"  test accuracy (last)      {100 * out['test_accuracy']:.2f}%")
+    click.echo(f"  test accuracy (best val)  {100 * out['best_val_test_accuracy']:.2f}%")
+    click.echo(f"  best val accuracy         {100 * out['best_val_accuracy']:.2f}%  (iteration {out['best_iteration']})")
+    click.echo(f"  teacher test accuracy     {100 * out['teacher_accuracy']:.2f}%")
+    click.echo(f"  teacher images            {out['teacher_images']:,}")
+    click.echo(f"  wall time                 {out['wall_seconds']:.1f} s")
+    for name, reason in out["flags"].items():
+        click.echo(f"  flag {name}: {reason}")

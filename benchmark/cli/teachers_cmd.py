@@ -1,0 +1,81 @@
+"""``dfkd-bench teachers train|list``: the teacher cache under ``results/teachers``."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import click
+
+from methods.core.errors import DfkdError
+
+from .. import zoo
+from ..data import get_spec, load_task
+from ..settings import Settings
+from ..teachers import default_recipe, list_teachers, teacher_dir, timed_train
+from .app import common_options, main
+
+
+@main.group("teachers")
+def teachers_group() -> None:
+    """Train and list cached teachers."""
+
+
+@teachers_group.command("train")
+@click.option("--dataset", required=True, help="Dataset name, e.g. mnist.")
+@click.option("--arch", required=True, help="Zoo architecture, e.g. lenet5.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the recipe's epochs.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--download", is_flag=True, help="Let torchvision download the dataset.")
+@click.option("--force", is_flag=True, help="Retrain although cached (the old teacher is kept aside).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@common_options
+def train_command(dataset: str, arch: str, epochs: int | None, seed: int, download: bool, force: bool,
+                  as_json: bool, settings: Settings) -> None:
+    """Train a teacher with the documented recipe, evaluate it and cache it.
+
+    Example: dfkd-bench teachers train --dataset mnist --arch lenet5
+    """
+    get_spec(dataset)
+    zoo.check_arch(arch)
+    if (teacher_dir(settings.results, dataset, arch) / "manifest.json").exists() and not force:
+        raise DfkdError(
+            f"a teacher for {dataset}/{arch} is already cached in {teacher_dir(settings.results, dataset, arch)}; "
+            "pass --force to retrain (the old one is kept aside)"
+        )
+    recipe = default_recipe(dataset)
+    if epochs is not None:
+        recipe = dataclasses.replace(recipe, epochs=epochs)
+    data = load_task(dataset, settings.data_dir, download=download, device=settings.torch_device)
+
+    def report(epoch: int, metrics: dict[str, float]) -> None:
+        click.echo(f"epoch {epoch}/{recipe.epochs}: loss {metrics['loss']:.4f}  val {100 * metrics['val_accuracy']:.2f}%",
+                   err=True)
+
+    manifest = timed_train(settings.results, dataset, arch, data, recipe, seed, settings.torch_device, report)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+    else:
+        click.echo(f"{dataset}/{arch}: test {100 * manifest['test_accuracy']:.2f}%  val {100 * manifest['val_accuracy']:.2f}%  "
+                   f"in {manifest['train_seconds']:.1f} s  -> {teacher_dir(settings.results, dataset, arch)}")
+
+
+@teachers_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@common_options
+def list_command(as_json: bool, settings: Settings) -> None:
+    """Show cached teachers.
+
+    Example: dfkd-bench teachers list --json
+    """
+    found = list_teachers(settings.results)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo(f"no cached teachers under {settings.results / 'teachers'}", file=sys.stderr)
+        return
+    click.echo(f"{'dataset':<14}{'arch':<13}{'test':>8}{'val':>8}{'epochs':>8}{'seed':>6}  sha256")
+    for m in found:
+        click.echo(f"{m['dataset']:<14}{m['arch']:<13}{100 * m['test_accuracy']:>7.2f}%{100 * m['val_accuracy']:>7.2f}%"
+                   f"{m['recipe']['epochs']:>8}{m['seed']:>6}  {m['sha256'][:12]}")

@@ -1,0 +1,112 @@
+"""One distillation run as the harness sees it: a spec, its validation, its execution, its summary.
+
+Shared by ``dfkd-bench distill`` and the grid runner, so that both validate identically (every
+bad value is rejected before anything is loaded or written) and report identically.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from methods.core.api import Budget, DistillResult, check_budget, distill, seed_everything
+from methods.core.context import Callback
+from methods.core.errors import BudgetError
+from methods.core.method import CollectedUse
+from methods.core.registry import get_method
+
+from . import zoo
+from .data import get_spec, load_task
+from .settings import Settings
+from .teachers import load_teacher, read_manifest
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What to run: method, dataset, teacher → student pair, budget, profile, seed, overrides."""
+
+    method: str
+    dataset: str
+    teacher: str
+    student: str
+    budget: Budget = field(default_factory=Budget)
+    profile: str = "quick"
+    seed: int = 0
+    overrides: tuple[tuple[str, Any], ...] = ()
+    amp: str = "auto"
+
+    @property
+    def overrides_dict(self) -> dict[str, Any]:
+        return dict(self.overrides)
+
+
+def validate(spec: RunSpec, settings: Settings) -> dict[str, Any]:
+    """Check every value of ``spec`` without side effects; returns the teacher's manifest.
+
+    Raises a one-line :class:`DfkdError` for an unknown method, dataset or arch, a profile the
+    method lacks, a bad override, a budget the method does not accept, or a missing teacher.
+    """
+    cls = get_method(spec.method)
+    get_spec(spec.dataset)
+    for arch in (spec.teacher, spec.student):
+        zoo.check_arch(arch)
+    cls.resolve_hparams(spec.profile, spec.dataset, spec.overrides_dict)
+    if cls.collected_use is CollectedUse.NONE and spec.budget.collected > 0:
+        raise BudgetError(
+            f"method {spec.method!r} is data-free and takes no collected examples; "
+            f"got collected={spec.budget.collected}, allowed: 0"
+        )
+    if cls.collected_use is CollectedUse.REQUIRED and spec.budget.collected == 0:
+        raise BudgetError(f"method {spec.method!r} needs collected examples; got collected=0, allowed: an integer > 0")
+    return read_manifest(settings.results, spec.dataset, spec.teacher)
+
+
+def execute(spec: RunSpec, settings: Settings, callbacks: Sequence[Callback] = ()) -> tuple[DistillResult, dict[str, Any]]:
+    """Load the cached teacher and the data, build the student (seeded), and distil."""
+    manifest = validate(spec, settings)
+    device = settings.torch_device
+    teacher, manifest = load_teacher(settings.results, spec.dataset, spec.teacher)
+    data = load_task(spec.dataset, settings.data_dir, device=device, mean=manifest["mean"], std=manifest["std"])
+    check_budget(spec.method, spec.budget, data)
+    seed_everything(spec.seed)
+    student = zoo.build(spec.student, data.num_classes, data.channels)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    result = distill(
+        teacher,
+        student,
+        spec.budget,
+        method=spec.method,
+        data=data,
+        profile=spec.profile,
+        overrides=spec.overrides_dict,
+        seed=spec.seed,
+        device=device,
+        amp=spec.amp,
+        callbacks=callbacks,
+    )
+    return result, manifest
+
+
+def summary(spec: RunSpec, result: DistillResult) -> dict[str, Any]:
+    """The JSON object of a run (accuracies as fractions in [0, 1])."""
+    return {
+        "method": spec.method,
+        "dataset": spec.dataset,
+        "teacher": spec.teacher,
+        "student": spec.student,
+        "budget": dataclasses.asdict(result.budget),
+        "profile": spec.profile,
+        "seed": spec.seed,
+        "test_accuracy": result.test_accuracy,
+        "best_val_test_accuracy": result.best_val_test_accuracy,
+        "best_val_accuracy": result.best_val_accuracy,
+        "best_iteration": result.best_iteration,
+        "teacher_accuracy": result.teacher_accuracy,
+        "teacher_images": result.teacher_images,
+        "wall_seconds": result.wall_seconds,
+        "hparams": result.hparams,
+        "flags": result.flags,
+    }

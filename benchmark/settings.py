@@ -1,0 +1,32 @@
+"""Where things live: results folder, data root, device (CLI options, then environment, then defaults)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from methods.core.api import resolve_device
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Global options shared by every command."""
+
+    results: Path
+    data_dir: Path
+    device: str
+
+    @property
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+
+def make_settings(results: str | None, data_dir: str | None, device: str | None) -> Settings:
+    """``--results`` / ``DFKD_RESULTS`` / ``./results``; ``--data-dir`` / ``DFKD_DATA`` / ``./data``; ``--device`` / ``auto``."""
+    return Settings(
+        results=Path(results or os.environ.get("DFKD_RESULTS") or "results"),
+        data_dir=Path(data_dir or os.environ.get("DFKD_DATA") or "data"),
+        device=device or "auto",
+    )

@@ -1,0 +1,1 @@
+"""Core of the method API: budget, context, registry, shared building blocks."""

@@ -1,0 +1,262 @@
+"""The one public entry point: ``distill(teacher, student, budget, method=...)``."""
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from .context import Callback, CountingTeacher, DistillContext, Evaluation
+from .errors import BudgetError, DfkdError
+from .images import Augment, ImageSet, accuracy
+from .method import CollectedUse
+from .registry import get_method
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a run may use: collected real examples and compute.
+
+    ``collected``: how many real examples the method may see (0 = purely data-free); their labels
+    are withheld.  ``source``: where they are drawn from, ``"<dataset>:<split>"`` (default: the
+    teacher's own train-core).  ``balanced``: class-balanced draw.  ``iterations`` and
+    ``batch_size`` override the method's recipe when given.
+    """
+
+    collected: int = 0
+    source: str | None = None
+    balanced: bool = True
+    iterations: int | None = None
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.collected < 0:
+            raise BudgetError(f"bad collected budget {self.collected}; allowed: an integer >= 0")
+        for name in ("iterations", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise BudgetError(f"bad {name} {value}; allowed: an integer > 0")
+
+
+class Collector(Protocol):
+    """Draws the collected subset (the harness keeps the true labels to balance classes)."""
+
+    def pool_size(self, source: str | None) -> int: ...
+
+    def draw(self, n: int, seed: int, source: str | None, balanced: bool) -> ImageSet: ...
+
+
+@dataclass
+class TaskData:
+    """A dataset as a method run needs it; built by ``benchmark.data.load_task``.
+
+    ``train`` is labelled train-core (only for methods that declare ``uses_labelled_train``);
+    ``val``/``test`` are for the harness only (spec §1.4).
+    """
+
+    dataset: str
+    num_classes: int
+    channels: int
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train_augment: Augment
+    val: ImageSet
+    test: ImageSet
+    train: ImageSet | None = None
+    collector: Collector | None = None
+
+
+@dataclass
+class DistillResult:
+    """What a run produced.  Accuracies are fractions in [0, 1]."""
+
+    method: str
+    dataset: str
+    student: nn.Module
+    predictor: nn.Module
+    best_predictor: nn.Module
+    test_accuracy: float
+    best_val_test_accuracy: float
+    best_val_accuracy: float
+    best_iteration: int
+    teacher_accuracy: float
+    teacher_images: int
+    wall_seconds: float
+    history: list[Evaluation]
+    hparams: dict[str, Any]
+    budget: Budget
+    profile: str
+    seed: int
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    flags: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cpu``; ``cuda`` / ``cuda:N``."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise DfkdError(f"device {device!r} asked for, but CUDA is not available; allowed here: auto, cpu")
+        return torch.device(device)
+    raise DfkdError(f"bad device {device!r}; allowed: auto, cpu, cuda, cuda:N")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (spec §1.6; bitwise determinism not required)."""
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+    torch.manual_seed(seed)
+
+
+def check_budget(method: str, budget: Budget, data: TaskData) -> None:
+    """Reject a budget the method does not accept or the pool cannot fill (one-line errors)."""
+    cls = get_method(method)
+    use = cls.collected_use
+    if use is CollectedUse.NONE and budget.collected > 0:
+        raise BudgetError(
+            f"method {method!r} is data-free and takes no collected examples; got collected={budget.collected}, allowed: 0"
+        )
+    if use is CollectedUse.REQUIRED and budget.collected == 0:
+        raise BudgetError(f"method {method!r} needs collected examples; got collected=0, allowed: an integer > 0")
+    if budget.collected > 0:
+        if data.collector is None:
+            raise BudgetError(f"dataset {data.dataset!r} has no pool to collect examples from")
+        size = data.collector.pool_size(budget.source)
+        if budget.collected > size:
+            raise BudgetError(
+                f"collected budget {budget.collected} exceeds the {size} examples of source "
+                f"{budget.source or data.dataset + ':train'}; allowed: 0..{size}"
+            )
+
+
+def distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    budget: Budget,
+    *,
+    method: str,
+    data: TaskData,
+    profile: str = "quick",
+    overrides: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    amp: str = "auto",
+    callbacks: Sequence[Callback] = (),
+) -> DistillResult:
+    """Distil ``teacher`` into ``student`` with the registered ``method`` under ``budget``.
+
+    Hyperparameters: the method's paper defaults, then ``profile``'s recipe for the dataset, then
+    ``overrides``, then the budget's ``iterations``/``batch_size``.  Evaluation follows spec §1.5:
+    validation every ``eval_every`` iterations with best-val checkpointing, then test accuracy of
+    the last and of the best-val predictor.
+    """
+    cls = get_method(method)
+    hparams = cls.resolve_hparams(profile, data.dataset, overrides)
+    if budget.iterations is not None:
+        hparams = dataclasses.replace(hparams, iterations=budget.iterations)
+    if budget.batch_size is not None:
+        hparams = dataclasses.replace(hparams, batch_size=budget.batch_size)
+    check_budget(method, budget, data)
+    dev = resolve_device(device)
+    seed_everything(seed)
+
+    counted = CountingTeacher(teacher.to(dev))
+    student = student.to(dev).train()
+    collected = None
+    if budget.collected > 0:
+        assert data.collector is not None
+        collected = data.collector.draw(budget.collected, seed, budget.source, budget.balanced)
+        collected = collected.without_labels().to(dev)
+    labelled = None
+    if cls.uses_labelled_train:
+        if data.train is None:
+            raise DfkdError(f"method {method!r} needs the labelled training set, which {data.dataset!r} lacks")
+        labelled = data.train.to(dev)
+
+    ctx = DistillContext(
+        teacher=counted,
+        student=student,
+        device=dev,
+        num_classes=data.num_classes,
+        channels=data.channels,
+        size=data.size,
+        mean=data.mean,
+        std=data.std,
+        train_augment=data.train_augment,
+        val=data.val.to(dev),
+        iterations=hparams.iterations,
+        eval_every=max(1, min(hparams.eval_every, hparams.iterations)),
+        collected_budget=budget.collected,
+        amp=amp,
+        callbacks=list(callbacks),
+        _collected=collected,
+        _labelled_train=labelled,
+    )
+    info = {
+        "method": method,
+        "dataset": data.dataset,
+        "profile": profile,
+        "seed": seed,
+        "hparams": dataclasses.asdict(hparams),
+        "budget": dataclasses.asdict(budget),
+        "device": str(dev),
+    }
+    for cb in ctx.callbacks:
+        cb.on_start(info)
+    started = time.perf_counter()
+    ctx.started = started
+    cls(hparams).run(ctx)
+    if ctx.predictor is None:
+        raise RuntimeError(f"method {method!r} never called ctx.watch(predictor)")
+    if not ctx.history or ctx.history[-1].iteration != hparams.iterations:
+        ctx.evaluate(hparams.iterations)
+    wall = time.perf_counter() - started
+
+    test = data.test.to(dev)
+    best = ctx.best_predictor()
+    test_last = accuracy(ctx.predictor, test)
+    test_best = accuracy(best, test)
+    teacher_acc = accuracy(counted.net, test)
+    final = {
+        "test_accuracy": test_last,
+        "best_val_test_accuracy": test_best,
+        "best_val_accuracy": ctx.best_val_accuracy,
+        "teacher_accuracy": teacher_acc,
+        "teacher_images": float(counted.images),
+        "wall_seconds": wall,
+    }
+    ctx.log_metrics(hparams.iterations, final)
+    return DistillResult(
+        method=method,
+        dataset=data.dataset,
+        student=student,
+        predictor=ctx.predictor,
+        best_predictor=best,
+        test_accuracy=test_last,
+        best_val_test_accuracy=test_best,
+        best_val_accuracy=ctx.best_val_accuracy,
+        best_iteration=ctx.best_iteration,
+        teacher_accuracy=teacher_acc,
+        teacher_images=counted.images,
+        wall_seconds=wall,
+        history=ctx.history,
+        hparams=dataclasses.asdict(hparams),
+        budget=budget,
+        profile=profile,
+        seed=seed,
+        artifacts=ctx.artifacts,
+        flags=ctx.flags,
+    )

@@ -1,0 +1,243 @@
+"""What a method sees while it trains: frozen teacher, student, budgeted data, evaluation, callbacks.
+
+The harness owns the loop's chores (spec §1.5, §1.6): counting teacher images, AMP, periodic
+validation with best-val checkpointing, loss accumulation without per-step host syncs, and
+reporting through callbacks.  Methods express only their losses and update order.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .errors import BudgetError, NonFiniteLossError
+from .images import Augment, ImageSet, accuracy
+
+
+class Callback(Protocol):
+    """Receives what a run reports; every hook is optional (see :class:`BaseCallback`)."""
+
+    def on_start(self, info: dict[str, Any]) -> None: ...
+    def on_progress(self, iteration: int, total: int) -> None: ...
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
+    def on_artifact(self, name: str, value: Any) -> None: ...
+
+
+class BaseCallback:
+    """No-op implementation of :class:`Callback`, to subclass."""
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        pass
+
+    def on_progress(self, iteration: int, total: int) -> None:
+        pass
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_artifact(self, name: str, value: Any) -> None:
+        pass
+
+
+class CountingTeacher(nn.Module):
+    """The frozen teacher (eval mode, no parameter gradients) that counts the images it is shown.
+
+    The count is a Python int built from tensor shapes, so it costs no host sync.  Gradients still
+    flow *through* it to the input when a generator loss needs them (spec §1.6).
+    """
+
+    def __init__(self, teacher: nn.Module) -> None:
+        super().__init__()
+        self.net = teacher.eval().requires_grad_(False)
+        self.images = 0
+
+    def train(self, mode: bool = True) -> CountingTeacher:
+        # The teacher stays in eval mode whatever a method asks (its BN uses running statistics).
+        super().train(False)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.images += x.shape[0]
+        return self.net(x)
+
+    def features(self, x: Tensor) -> Any:
+        """The zoo interface (logits, vec, map, stages) in one forward; counted."""
+        self.images += x.shape[0]
+        return self.net.features(x)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["net"], name)
+
+
+@dataclass
+class Evaluation:
+    """One validation evaluation."""
+
+    iteration: int
+    metrics: dict[str, float]
+
+
+@dataclass
+class DistillContext:
+    """Everything a method may use.  Build through :func:`methods.distill`, not by hand."""
+
+    teacher: CountingTeacher
+    student: nn.Module
+    device: torch.device
+    num_classes: int
+    channels: int
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train_augment: Augment
+    val: ImageSet
+    iterations: int
+    eval_every: int
+    collected_budget: int = 0
+    amp: str = "auto"
+    callbacks: list[Callback] = field(default_factory=list)
+    _collected: ImageSet | None = None
+    _labelled_train: ImageSet | None = None
+    # state
+    history: list[Evaluation] = field(default_factory=list)
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    flags: dict[str, str] = field(default_factory=dict)
+    best_val_accuracy: float = -1.0
+    best_iteration: int = 0
+    best_state: dict[str, Tensor] | None = None
+    predictor: nn.Module | None = None
+    _loss_sums: dict[str, Tensor] = field(default_factory=dict)
+    _loss_counts: dict[str, int] = field(default_factory=dict)
+    _last_eval: int = -1
+    started: float = field(default_factory=time.perf_counter)
+
+    # ------------------------------------------------------------------ data access
+    def collected(self, n: int | None = None) -> ImageSet:
+        """The budgeted collected examples, labels withheld (spec §1.4); asking for more is an error."""
+        if n is None:
+            n = self.collected_budget
+        if n > self.collected_budget or self._collected is None or n <= 0:
+            raise BudgetError(
+                f"method asked for {n} collected examples; the budget allows {self.collected_budget}"
+            )
+        if n == len(self._collected):
+            return self._collected
+        return self._collected.subset(torch.arange(n))
+
+    def labelled_train(self) -> ImageSet:
+        """Train-core with true labels: teacher training and KD-ORI only (spec §1.4)."""
+        if self._labelled_train is None:
+            raise BudgetError("this method is not allowed the labelled training set")
+        return self._labelled_train
+
+    def normalize(self, pixels: Tensor) -> Tensor:
+        """Map pixel-space images in [0, 1] to the teacher's normalized space (spec §1.3)."""
+        mean = torch.tensor(self.mean, device=pixels.device, dtype=pixels.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=pixels.device, dtype=pixels.dtype).view(1, -1, 1, 1)
+        return (pixels - mean) / std
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Inverse of :meth:`normalize`: back to pixel space (for sample grids)."""
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return x * std + mean
+
+    # ------------------------------------------------------------------ numerics
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """bf16 autocast on CUDA (spec §1.6), fp32 on CPU unless ``amp='bf16'`` asks for it."""
+        enabled = (self.device.type == "cuda" and self.amp in ("auto", "bf16")) or (
+            self.device.type == "cpu" and self.amp == "bf16"
+        )
+        if enabled:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+
+    # ------------------------------------------------------------------ reporting
+    def watch(self, predictor: nn.Module) -> None:
+        """Declare the module that predicts (student, or e.g. backbone + projector + teacher head)."""
+        self.predictor = predictor
+
+    def end_iteration(self, iteration: int, losses: dict[str, Tensor] | None = None) -> None:
+        """Record this iteration's losses (kept on device) and validate every ``eval_every``.
+
+        ``iteration`` counts from 1.  Validation also runs at the last iteration.
+        """
+        if losses:
+            for key, value in losses.items():
+                value = value.detach().float()
+                if key in self._loss_sums:
+                    self._loss_sums[key] += value
+                    self._loss_counts[key] += 1
+                else:
+                    self._loss_sums[key] = value.clone()
+                    self._loss_counts[key] = 1
+        for cb in self.callbacks:
+            cb.on_progress(iteration, self.iterations)
+        if iteration % self.eval_every == 0 or iteration == self.iterations:
+            self.evaluate(iteration)
+
+    def evaluate(self, iteration: int) -> dict[str, float]:
+        """Validate the predictor now; keep a copy of its state on strict improvement (spec §1.5)."""
+        if self.predictor is None:
+            raise RuntimeError("method never called ctx.watch(predictor)")
+        if iteration == self._last_eval:
+            return self.history[-1].metrics
+        metrics: dict[str, float] = {}
+        if self._loss_sums:
+            keys = list(self._loss_sums)
+            means = torch.stack([self._loss_sums[k] / self._loss_counts[k] for k in keys]).tolist()
+            for key, value in zip(keys, means):
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(f"loss {key!r} is {value} at iteration {iteration}")
+                metrics[f"loss/{key}"] = value
+            self._loss_sums.clear()
+            self._loss_counts.clear()
+        val_acc = accuracy(self.predictor, self.val)
+        metrics["val_accuracy"] = val_acc
+        if val_acc > self.best_val_accuracy:
+            self.best_val_accuracy = val_acc
+            self.best_iteration = iteration
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.predictor.state_dict().items()}
+        metrics["best_val_accuracy"] = self.best_val_accuracy
+        metrics["teacher_images"] = float(self.teacher.images)
+        metrics["wall_seconds"] = time.perf_counter() - self.started
+        self.history.append(Evaluation(iteration, metrics))
+        self._last_eval = iteration
+        self.log_metrics(iteration, metrics)
+        return metrics
+
+    def log_metrics(self, step: int, metrics: dict[str, float | Tensor]) -> None:
+        """Report metrics at ``step`` (tensors are synced here: call sparsely, not per step)."""
+        floats = {k: float(v) for k, v in metrics.items()}
+        for cb in self.callbacks:
+            cb.on_metrics(step, floats)
+
+    def add_artifact(self, name: str, value: Any) -> None:
+        """Attach something to show (e.g. a uint8 sample grid from ``torchvision.utils.make_grid``)."""
+        self.artifacts[name] = value
+        for cb in self.callbacks:
+            cb.on_artifact(name, value)
+
+    def flag(self, name: str, reason: str) -> None:
+        """Mark the run (e.g. ``bn_loss_unavailable``), shown in results and tracking."""
+        self.flags[name] = reason
+
+    def best_predictor(self) -> nn.Module:
+        """A copy of the predictor with its best-validation weights."""
+        assert self.predictor is not None
+        best = copy.deepcopy(self.predictor)
+        if self.best_state is not None:
+            best.load_state_dict(self.best_state)
+        return best

@@ -1,0 +1,95 @@
+"""Distilling a student on stored images: KD-ORI (§4.1), KD-collected (§4.2), HiDFD stage 3 (§3.2).
+
+One loop, parameterised by the objective: ``kd`` = τ²·KL_τ(T‖S) (+ ``ce_weight``·CE with true
+labels, KD-ORI only) on the plain student; ``simkd`` = L_SimKD on backbone + projector, predicting
+through the teacher's frozen head.  SGD with a per-iteration schedule; one student step per
+iteration; the teacher only forwards, under ``no_grad``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .context import DistillContext
+from .images import Augment, ImageSet, concat
+from .losses import cross_entropy, kd_loss
+from .schedules import Schedule, scheduler, sgd
+from .simkd import Projector, SharedHeadPredictor, simkd_loss
+
+
+@dataclass
+class StudentStageConfig:
+    """The hyperparameters of the stored-data student loop."""
+
+    objective: Literal["simkd", "kd"]
+    tau: float
+    ce_weight: float
+    lr: float
+    momentum: float
+    weight_decay: float
+    schedule: Schedule
+    milestones: tuple[float, ...]
+
+
+def inflated_set(real: ImageSet, inflation: int, synthetic: ImageSet | None = None) -> ImageSet:
+    """X_c repeated ``inflation`` times, plus the synthetic set (spec §3.2 stage 3); each copy is augmented independently."""
+    parts = [real] * inflation
+    if synthetic is not None:
+        parts.append(synthetic)
+    return concat(parts)
+
+
+def hidfd_augment(channels: int) -> Augment:
+    """HiDFD stage-3 augmentation: CIFAR RandomResizedCrop(32, (0.08, 1)) + flip; MNIST RandomCrop(32, 2)."""
+    if channels == 1:
+        return Augment(crop_padding=2)
+    return Augment(resized_crop_scale=(0.08, 1.0), flip=True)
+
+
+def build_predictor(ctx: DistillContext, objective: str) -> tuple[nn.Module, list[nn.Parameter], SharedHeadPredictor | None]:
+    """The module that predicts, the parameters to train, and the SimKD predictor if any."""
+    if objective == "kd":
+        return ctx.student, list(ctx.student.parameters()), None
+    probe = torch.zeros(2, ctx.channels, ctx.size, ctx.size, device=ctx.device)
+    with torch.no_grad():
+        was = ctx.student.training
+        ctx.student.eval()
+        s_map = ctx.student.features(probe).map
+        ctx.student.train(was)
+        t_map = ctx.teacher.net.features(probe).map
+    projector = Projector(s_map.shape[1], t_map.shape[1]).to(ctx.device)
+    predictor = SharedHeadPredictor(ctx.student, projector, ctx.teacher.net.head, t_map.shape[-1])
+    params = list(ctx.student.parameters()) + list(projector.parameters())
+    return predictor, params, predictor
+
+
+def train_student(ctx: DistillContext, images: ImageSet, config: StudentStageConfig, batch_size: int, augment: Augment) -> None:
+    """Run ``ctx.iterations`` student steps on minibatches of ``images`` (spec §4.1, §4.2, §3.2 stage 3)."""
+    predictor, params, shared = build_predictor(ctx, config.objective)
+    ctx.watch(predictor)
+    opt = sgd(params, config.lr, config.momentum, config.weight_decay)
+    sched = scheduler(opt, config.schedule, ctx.iterations, config.milestones)
+    sampler = images.sampler(batch_size)
+    predictor.train()
+    for iteration in range(1, ctx.iterations + 1):
+        idx = sampler.next()
+        x = images.batch(idx, augment)
+        with ctx.autocast():
+            with torch.no_grad():
+                t = ctx.teacher.features(x)
+            if shared is not None:
+                loss = simkd_loss(shared.projected(x), t.map)
+            else:
+                s_logits = ctx.student(x)
+                loss = kd_loss(t.logits, s_logits, config.tau)
+                if config.ce_weight > 0:
+                    assert images.labels is not None
+                    loss = loss + config.ce_weight * cross_entropy(s_logits, images.labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        ctx.end_iteration(iteration, {"student": loss})
