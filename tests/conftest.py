@@ -1,0 +1,53 @@
+"""Shared fixtures: real MNIST from DFKD_DATA (never downloaded) and small cached teachers."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmark.data import load_task
+from benchmark.teachers import default_recipe, load_teacher, timed_train
+from methods import TaskData
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _data_root() -> Path:
+    root = Path(os.environ.get("DFKD_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+    if not (root / "MNIST" / "raw").is_dir():
+        pytest.fail(f"MNIST not found under {root}; set DFKD_DATA to the folder holding MNIST/raw")
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    return _data_root()
+
+
+@pytest.fixture(scope="session")
+def mnist(data_root: Path) -> TaskData:
+    """MNIST train-core / val / test as tensors on the CPU."""
+    return load_task("mnist", data_root)
+
+
+@pytest.fixture(scope="session")
+def results_dir(tmp_path_factory: pytest.TempPathFactory, mnist: TaskData) -> Path:
+    """A results folder holding a LeNet-5 and a LeNet-5-BN MNIST teacher (2 epochs: ≈ 98%)."""
+    root = tmp_path_factory.mktemp("results")
+    recipe = dataclasses.replace(default_recipe("mnist"), epochs=2)
+    for arch in ("lenet5", "lenet5-bn"):
+        timed_train(root, "mnist", arch, mnist, recipe, seed=0, device=torch.device("cpu"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def lenet5_teacher(results_dir: Path) -> torch.nn.Module:
+    return load_teacher(results_dir, "mnist", "lenet5")[0]
+
+
+@pytest.fixture(scope="session")
+def lenet5_bn_teacher(results_dir: Path) -> torch.nn.Module:
+    return load_teacher(results_dir, "mnist", "lenet5-bn")[0]
