@@ -7,9 +7,9 @@ are resized 28 → 32.  Spec §1.3 rule 4: normalization statistics per dataset.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

@@ -6,8 +6,9 @@ bad value is rejected before anything is loaded or written) and report identical
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -63,12 +64,14 @@ def validate(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     return read_manifest(settings.results, spec.dataset, spec.teacher)
 
 
-def execute(spec: RunSpec, settings: Settings, callbacks: Sequence[Callback] = ()) -> tuple[DistillResult, dict[str, Any]]:
-    """Load the cached teacher and the data, build the student (seeded), and distil."""
+def execute(
+    spec: RunSpec, settings: Settings, callbacks: Sequence[Callback] = (), download: bool = False
+) -> tuple[DistillResult, dict[str, Any]]:
+    """Load the cached teacher and the data (``download`` lets torchvision fetch), build the student (seeded), distil."""
     manifest = validate(spec, settings)
     device = settings.torch_device
     teacher, manifest = load_teacher(settings.results, spec.dataset, spec.teacher)
-    data = load_task(spec.dataset, settings.data_dir, device=device, mean=manifest["mean"], std=manifest["std"])
+    data = load_task(spec.dataset, settings.data_dir, download=download, device=device, mean=manifest["mean"], std=manifest["std"])
     check_budget(spec.method, spec.budget, data)
     seed_everything(spec.seed)
     student = zoo.build(spec.student, data.num_classes, data.channels)

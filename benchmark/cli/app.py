@@ -5,14 +5,15 @@ Every :class:`~methods.core.errors.DfkdError` becomes a one-line ``Error: ...`` 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
 from methods.core.api import resolve_device
 from methods.core.errors import DfkdError
 
-from ..settings import Settings, make_settings
+from ..settings import make_settings
 
 
 class UserError(click.ClickException):

@@ -29,11 +29,12 @@ from .app import common_options, main, parse_sets
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a hyperparameter (repeatable).")
 @click.option("--amp", type=click.Choice(["auto", "bf16", "off"]), default="auto", show_default=True,
               help="auto = bf16 autocast on CUDA, fp32 on CPU.")
+@click.option("--download", is_flag=True, help="Let torchvision download the dataset.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (accuracies as fractions).")
 @common_options
 def distill_command(method: str, dataset: str, teacher: str, student: str, collected: int, source: str | None,
                     unbalanced: bool, iterations: int | None, batch_size: int | None, profile: str, seed: int,
-                    sets: tuple[str, ...], amp: str, as_json: bool, settings: Settings) -> None:
+                    sets: tuple[str, ...], amp: str, download: bool, as_json: bool, settings: Settings) -> None:
     """Distil a cached teacher into a student with one method.
 
     Example: dfkd-bench distill --method kd-collected --dataset mnist --teacher lenet5
@@ -45,7 +46,7 @@ def distill_command(method: str, dataset: str, teacher: str, student: str, colle
     validate(spec, settings)
     bar = ProgressBar(f"{method} {dataset}")
     try:
-        result, _ = execute(spec, settings, callbacks=[bar])
+        result, _ = execute(spec, settings, callbacks=[bar], download=download)
     finally:
         bar.close()
     out = summary(spec, result)

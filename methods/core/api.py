@@ -4,8 +4,9 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn

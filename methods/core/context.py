@@ -10,8 +10,9 @@ import contextlib
 import copy
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +57,7 @@ class CountingTeacher(nn.Module):
         super().__init__()
         self.net = teacher.eval().requires_grad_(False)
         self.images = 0
+        self.train(False)
 
     def train(self, mode: bool = True) -> CountingTeacher:
         # The teacher stays in eval mode whatever a method asks (its BN uses running statistics).

@@ -1,7 +1,8 @@
 """The method registry: ``@register("name")`` on a :class:`~methods.core.method.Method` subclass."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from .errors import DfkdError
 

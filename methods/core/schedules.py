@@ -1,7 +1,8 @@
 """Optimizers and learning-rate schedules stepped per iteration (spec §1.2: milestones in iterations)."""
 from __future__ import annotations
 
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 import torch
 
