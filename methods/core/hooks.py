@@ -1,0 +1,96 @@
+"""Forward hooks on a frozen teacher: the DeepInversion BN-statistics loss (spec §2.5).
+
+Hooks live only inside :meth:`BNStatisticsLoss.capture`: they are registered on entry and removed
+on exit, so forwards outside a generator (or synthesis) step cost nothing and record nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+def batchnorm_layers(net: nn.Module) -> list[nn.BatchNorm2d]:
+    """The BatchNorm2d modules of ``net``: its ``bn_layers()`` when it has one (the zoo), else a scan."""
+    lister = getattr(net, "bn_layers", None)
+    if callable(lister):
+        return list(lister())
+    return [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def bn_statistics_distance(x: Tensor, bn: nn.BatchNorm2d) -> Tensor:
+    """r_l = ‖μ_b − μ_run‖₂ + ‖σ²_b − σ²_run‖₂ on the BN layer's *input* (norms, not squared; spec §2.5).
+
+    μ_b is the per-channel mean over (N, H, W) and σ²_b the biased variance; computed in fp32.
+    """
+    x = x.float()
+    mean = x.mean(dim=(0, 2, 3))
+    var = x.var(dim=(0, 2, 3), unbiased=False)
+    assert bn.running_mean is not None and bn.running_var is not None
+    return torch.linalg.vector_norm(mean - bn.running_mean.float()) + torch.linalg.vector_norm(
+        var - bn.running_var.float()
+    )
+
+
+class BNStatisticsLoss:
+    """L_BN = Σ_l w_l·r_l over the teacher's BatchNorm2d layers (spec §2.5).
+
+    Usage, in a generator step only::
+
+        bn = BNStatisticsLoss(ctx.teacher.net)
+        with bn.capture():
+            t = ctx.teacher.features(x)
+        loss = loss + beta * bn.loss()
+
+    ``first_layer_weight`` is ImageNet DeepInversion's optional ×10 on the first layer (off: 1).
+    A teacher without BatchNorm (LeNet-5) has ``available`` False and ``loss()`` is 0: the caller
+    should flag the run (spec §2.1).
+    """
+
+    def __init__(self, net: nn.Module, first_layer_weight: float = 1.0) -> None:
+        self.layers = batchnorm_layers(net)
+        self.first_layer_weight = first_layer_weight
+        self._terms: list[Tensor] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @property
+    def available(self) -> bool:
+        return bool(self.layers)
+
+    @property
+    def active(self) -> bool:
+        """True only inside :meth:`capture` (hooks registered)."""
+        return bool(self._handles)
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[BNStatisticsLoss]:
+        """Register the hooks for the forwards inside this block, then remove them."""
+        if self._handles:
+            raise RuntimeError("BNStatisticsLoss.capture() is not re-entrant")
+        self._terms.clear()
+        for index, layer in enumerate(self.layers):
+            weight = self.first_layer_weight if index == 0 else 1.0
+            self._handles.append(layer.register_forward_hook(self._hook(weight)))
+        try:
+            yield self
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+
+    def _hook(self, weight: float):  # noqa: ANN202 - a torch hook signature
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
+            r = bn_statistics_distance(inputs[0], module)  # type: ignore[arg-type]
+            self._terms.append(r * weight if weight != 1.0 else r)
+
+        return hook
+
+    def loss(self) -> Tensor:
+        """Σ r_l recorded since the last call (0 when nothing was recorded); clears the record."""
+        if not self._terms:
+            return torch.zeros(())
+        total = torch.stack(self._terms).sum()
+        self._terms.clear()
+        return total
