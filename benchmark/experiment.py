@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from methods.core.api import Budget, DistillResult, check_budget, distill, seed_everything
+from methods.core.api import Budget, DistillResult, TaskData, check_budget, distill, seed_everything
 from methods.core.context import Callback
 from methods.core.errors import BudgetError
 from methods.core.method import CollectedUse
@@ -49,6 +49,15 @@ def validate(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     Raises a one-line :class:`DfkdError` for an unknown method, dataset or arch, a profile the
     method lacks, a bad override, a budget the method does not accept, or a missing teacher.
     """
+    check(spec)
+    return read_manifest(settings.results, spec.dataset, spec.teacher)
+
+
+def check(spec: RunSpec) -> None:
+    """The checks of :func:`validate` that need no teacher (a grid is checked before teachers exist).
+
+    A budget the method does not accept raises :class:`BudgetError`, other bad values :class:`DfkdError`.
+    """
     cls = get_method(spec.method)
     get_spec(spec.dataset)
     for arch in (spec.teacher, spec.student):
@@ -61,17 +70,25 @@ def validate(spec: RunSpec, settings: Settings) -> dict[str, Any]:
         )
     if cls.collected_use is CollectedUse.REQUIRED and spec.budget.collected == 0:
         raise BudgetError(f"method {spec.method!r} needs collected examples; got collected=0, allowed: an integer > 0")
-    return read_manifest(settings.results, spec.dataset, spec.teacher)
 
 
 def execute(
-    spec: RunSpec, settings: Settings, callbacks: Sequence[Callback] = (), download: bool = False
+    spec: RunSpec,
+    settings: Settings,
+    callbacks: Sequence[Callback] = (),
+    download: bool = False,
+    data: TaskData | None = None,
 ) -> tuple[DistillResult, dict[str, Any]]:
-    """Load the cached teacher and the data (``download`` lets torchvision fetch), build the student (seeded), distil."""
+    """Load the cached teacher and the data (``download`` lets torchvision fetch), build the student (seeded), distil.
+
+    ``data`` reuses a task already loaded with :func:`load_data` for this spec (the grid runner
+    runs many cells on one dataset); by default it is loaded here.
+    """
     manifest = validate(spec, settings)
     device = settings.torch_device
     teacher, manifest = load_teacher(settings.results, spec.dataset, spec.teacher)
-    data = load_task(spec.dataset, settings.data_dir, download=download, device=device, mean=manifest["mean"], std=manifest["std"])
+    if data is None:
+        data = load_data(spec, settings, manifest, download)
     check_budget(spec.method, spec.budget, data)
     seed_everything(spec.seed)
     student = zoo.build(spec.student, data.num_classes, data.channels)
@@ -91,6 +108,12 @@ def execute(
         callbacks=callbacks,
     )
     return result, manifest
+
+
+def load_data(spec: RunSpec, settings: Settings, manifest: dict[str, Any], download: bool = False) -> TaskData:
+    """The task data of ``spec``, normalized with its teacher's statistics, on the settings' device."""
+    return load_task(spec.dataset, settings.data_dir, download=download, device=settings.torch_device,
+                     mean=manifest["mean"], std=manifest["std"])
 
 
 def summary(spec: RunSpec, result: DistillResult) -> dict[str, Any]:

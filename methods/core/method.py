@@ -59,6 +59,9 @@ class Method:
     uses_labelled_train: ClassVar[bool] = False
     search_space: ClassVar[Mapping[str, BaseDistribution]] = {}
     profiles: ClassVar[Profiles] = {"quick": {"*": {}}, "paper": {"*": {}}}
+    # dataset -> (teacher arch, student arch) this method prefers when a grid names no pair,
+    # e.g. {"mnist": ("lenet5-bn", "lenet5-half")} for a method whose losses need teacher BN.
+    default_pairs: ClassVar[Mapping[str, tuple[str, str]]] = {}
 
     def __init__(self, hparams: CommonHparams) -> None:
         self.hp = hparams

@@ -1,0 +1,713 @@
+"""The grid runner: cells as Optuna trials on a shared storage, each cell recorded as an MLflow run.
+
+Coordination uses Optuna's storage as the work queue instead of a home-made one: every cell not
+yet finished in MLflow is enqueued as a WAITING trial (its resolved configuration in the
+trial's user attributes); workers pop trials (WAITING → RUNNING is atomic in the storage), keep
+a heartbeat while they run, and tell the outcome.  A worker that dies (SIGKILL, lost machine)
+stops beating; after the grace period any worker fails its trial and
+:class:`~optuna.storages.RetryHeartbeatStaleTrialCallback` enqueues it again, and the stale MLflow
+run is marked KILLED before the cell re-runs.  Several processes, or several machines running
+the same command against one RDB storage and one MLflow server, split the grid.
+
+MLflow is the record of what finished: re-running a grid skips cells with a FINISHED run and
+re-runs failed, killed or never-started ones.  The queue study is named after the grid and the
+hash of its cell set, so the same grid resumes the same queue and an edited grid gets a new one.
+
+On SQLite (the default queue, ``<results>/queue.db``) every transaction starts with
+``BEGIN IMMEDIATE``: the driver's default would let two processes read the same WAITING trial
+before either writes, and both would run it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from methods.core.api import TaskData
+from methods.core.context import BaseCallback
+from methods.core.errors import DfkdError
+
+from . import tracking
+from .data import load_task
+from .experiment import load_data
+from .grid import Cell, Plan
+from .settings import Settings
+from .teachers import default_recipe, read_manifest, teacher_dir, timed_train
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+QUEUE_DB = "queue.db"
+DEFAULT_HEARTBEAT = 10  # seconds between heartbeats; a trial silent for 3× this is stale
+PROGRESS_EVERY = 2.0  # seconds between progress reports of a running cell
+Echo = Callable[[str], None]
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the running cell is marked KILLED and the grid stops."""
+
+
+class CellFailed(Exception):
+    """A cell raised (its run is FAILED with error.txt); the grid goes on."""
+
+
+# ----------------------------------------------------------------------------- the queue
+def default_storage(results: Path) -> str:
+    return f"sqlite:///{(Path(results) / QUEUE_DB).resolve()}"
+
+
+def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT) -> optuna.storages.RDBStorage:
+    """An Optuna RDB storage with heartbeats; stale trials are re-enqueued (3 retries)."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    sqlite = url.startswith("sqlite")
+    kwargs: dict[str, Any] = {}
+    if sqlite:
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: the driver issues no implicit BEGIN; we issue BEGIN IMMEDIATE below.
+        kwargs = {"connect_args": {"timeout": 120, "isolation_level": None}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=kwargs,
+            heartbeat_interval=heartbeat,
+            grace_period=3 * heartbeat,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+        )
+    if sqlite:
+        from sqlalchemy import event
+
+        @event.listens_for(storage.engine, "begin")
+        def _begin_immediate(connection: Any) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        storage.engine.dispose()
+    return storage
+
+
+def study_name(plan: Plan) -> str:
+    return f"grid:{plan.grid.name}:{plan.digest}"
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+class Liveness:
+    """Whether the process behind a RUNNING MLflow cell run is still alive, from its queue trial."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage) -> None:
+        self.storage = storage
+        self._states: dict[str, dict[int, TrialState]] = {}
+
+    def __call__(self, run: Run) -> bool:
+        tags = run.data.tags
+        if tags.get(tracking.KIND) == "grid":
+            return True  # parent runs are judged by their own heartbeat
+        name, number = tags.get(tracking.QUEUE_STUDY), tags.get(tracking.QUEUE_TRIAL)
+        if not name or number is None:
+            return False
+        if name not in self._states:
+            try:
+                study = optuna.load_study(study_name=name, storage=self.storage)
+                self._states[name] = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+            except KeyError:
+                self._states[name] = {}
+        return self._states[name].get(int(number)) == TrialState.RUNNING
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class RunnerConfig:
+    """What a worker needs (picklable: passed to worker processes)."""
+
+    results: str
+    data_dir: str
+    device: str
+    tracking_uri: str
+    storage: str
+    study: str
+    experiment_id: str
+    parent_run_id: str
+    code_version: str
+    heartbeat: int = DEFAULT_HEARTBEAT
+    devices: tuple[str, ...] = ()
+    threads: int | None = None
+
+    def settings(self, index: int) -> Settings:
+        device = self.devices[index % len(self.devices)] if self.devices else self.device
+        return Settings(Path(self.results), Path(self.data_dir), device)
+
+
+# ----------------------------------------------------------------------------- one cell
+class TrialProgress(BaseCallback):
+    """Reports a running cell's iteration and validation accuracy into its trial (for the display)."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+        self.last = 0.0
+        self.val: float | None = None
+
+    def on_progress(self, iteration: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY or iteration == total:
+            self.last = now
+            self.trial.set_user_attr("progress", [iteration, total, self.val])
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if "val_accuracy" in metrics:
+            self.val = metrics["val_accuracy"]
+
+
+def _best_effort(action: Callable[..., Any], *args: Any) -> None:
+    try:
+        action(*args)
+    except Exception:  # noqa: BLE001  (recording an outcome must not hide the outcome)
+        pass
+
+
+@dataclass
+class Worker:
+    """Pops cells from the queue and runs them until no cell is waiting or running anywhere."""
+
+    config: RunnerConfig
+    index: int = 0
+    poll: float = 1.0
+    _data: dict[tuple[Any, ...], TaskData] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.settings = self.config.settings(self.index)
+        self.storage = open_storage(self.config.storage, self.config.heartbeat)
+        self.study = optuna.load_study(study_name=self.config.study, storage=self.storage)
+        self.client = tracking.open_client(self.config.tracking_uri)
+        self.tag = f"{socket.gethostname()}:{os.getpid()}"
+
+    def run(self) -> None:
+        while True:
+            states = [t.state for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,
+                                                                                      TrialState.RUNNING))]
+            if TrialState.WAITING in states:
+                self.study.optimize(self.objective, n_trials=1, catch=(CellFailed,), gc_after_trial=False)
+            elif TrialState.RUNNING in states:
+                # Cells run elsewhere: wait, so that one whose worker dies is retried here.
+                _fail_stale(self.study)
+                time.sleep(self.poll)
+            else:
+                return
+
+    def objective(self, trial: optuna.Trial) -> float:
+        data = trial.user_attrs.get("cell")
+        if data is None:  # the queue emptied between our look and our pop: not a cell
+            raise optuna.TrialPruned("no cell was waiting")
+        cell = Cell.from_dict(data)
+        if cell.cell_id != data["cell_id"]:
+            raise CellFailed(f"cell {data['cell_id']} resolves to {cell.cell_id} with this code version")
+        for other in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if other.number < trial.number and other.user_attrs.get("cell_id") == cell.cell_id:
+                trial.set_user_attr("duplicate_of", other.number)
+                raise optuna.TrialPruned(f"cell already running as trial {other.number}")
+        exp = self.config.experiment_id
+        if tracking.search(self.client, exp, f"tags.`{tracking.CELL_ID}` = '{cell.cell_id}' "
+                                              "and attributes.status = 'FINISHED'"):
+            trial.set_user_attr("duplicate_of", "finished")
+            raise optuna.TrialPruned("cell already finished")
+        tracking.kill_stale(self.client, exp, Liveness(self.storage), cell_id=cell.cell_id)
+        return self.run_cell(cell, trial)
+
+    def task_data(self, cell: Cell, manifest: dict[str, Any]) -> TaskData:
+        key = (cell.spec.dataset, tuple(manifest["mean"]), tuple(manifest["std"]), self.settings.device)
+        if key not in self._data:
+            self._data.clear()  # keep one dataset in memory
+            self._data[key] = load_data(cell.spec, self.settings, manifest)
+        return self._data[key]
+
+    def run_cell(self, cell: Cell, trial: optuna.Trial) -> float:
+        from .experiment import execute
+
+        cfg = self.config
+        trial.set_user_attr("worker", self.tag)
+        try:
+            manifest = read_manifest(self.settings.results, cell.spec.dataset, cell.spec.teacher)
+            run_id = tracking.start_cell_run(
+                self.client, cfg.experiment_id, cfg.parent_run_id, cell, manifest, cfg.code_version,
+                {tracking.QUEUE_STUDY: cfg.study, tracking.QUEUE_TRIAL: str(trial.number), "dfkd.worker": self.tag},
+            )
+        except Exception as error:
+            trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
+            raise CellFailed(str(error)) from error
+        trial.set_user_attr("run_id", run_id)
+        callbacks = [tracking.MlflowCallback(self.client, run_id), TrialProgress(trial)]
+        try:
+            result, _ = execute(cell.spec, self.settings, callbacks, data=self.task_data(cell, manifest))
+            tracking.log_result(self.client, run_id, result)
+        except KeyboardInterrupt as error:
+            _best_effort(self.client.set_tag, run_id, "dfkd.ended", f"interrupted ({type(error).__name__})")
+            _best_effort(tracking.end_run, self.client, run_id, "KILLED")
+            raise
+        except Exception as error:
+            _best_effort(tracking.log_error, self.client, run_id, error)
+            _best_effort(tracking.end_run, self.client, run_id, "FAILED")
+            trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
+            raise CellFailed(str(error)) from error
+        tracking.end_run(self.client, run_id, "FINISHED")
+        trial.set_user_attr("result", {
+            "test_accuracy": result.test_accuracy,
+            "best_val_test_accuracy": result.best_val_test_accuracy,
+            "best_val_accuracy": result.best_val_accuracy,
+            "wall_seconds": result.wall_seconds,
+        })
+        return result.best_val_accuracy
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Interrupted(f"signal {signum}")
+
+
+def worker_process(config: RunnerConfig, index: int) -> None:
+    """Entry point of a worker process (``--workers N``)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        Worker(config, index).run()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------- preparing a grid
+def missing_teachers(plan: Plan, results: Path) -> list[tuple[str, str]]:
+    return [(d, a) for d, a in plan.teachers if not (teacher_dir(results, d, a) / "manifest.json").is_file()]
+
+
+def ensure_teachers(plan: Plan, settings: Settings, train: bool, echo: Echo) -> None:
+    """Train (spec §1.7 recipe) every teacher the cells need that the cache lacks."""
+    missing = missing_teachers(plan, settings.results)
+    if missing and not train:
+        names = ", ".join(f"{d}/{a}" for d, a in missing)
+        raise DfkdError(f"no cached teacher for {names}; run without --no-train-teachers, or: "
+                        f"dfkd-bench teachers train --dataset {missing[0][0]} --arch {missing[0][1]}")
+    for dataset, arch in missing:
+        recipe = default_recipe(dataset)
+        echo(f"training teacher {dataset}/{arch} ({recipe.optimizer} lr {recipe.lr:g}, {recipe.epochs} epochs) "
+             f"-> {teacher_dir(settings.results, dataset, arch)}")
+        data = load_task(dataset, settings.data_dir, device=settings.torch_device)
+
+        def report(epoch: int, metrics: dict[str, float], recipe: Any = recipe) -> None:
+            echo(f"  epoch {epoch}/{recipe.epochs}: loss {metrics['loss']:.4f}  val {100 * metrics['val_accuracy']:.2f}%")
+
+        manifest = timed_train(settings.results, dataset, arch, data, recipe, 0, settings.torch_device, report)
+        echo(f"  teacher {dataset}/{arch}: test {100 * manifest['test_accuracy']:.2f}% in {manifest['train_seconds']:.0f} s")
+
+
+@dataclass
+class Prepared:
+    """A grid made ready to run: store, experiment, parent run and queue."""
+
+    config: RunnerConfig
+    done_before: set[str]
+    enqueued: int
+    killed: list[str]
+
+
+def prepare(plan: Plan, settings: Settings, tracking_uri: str, storage_url: str, heartbeat: int,
+            workers: int, devices: Sequence[str]) -> Prepared:
+    """Create the store and experiment once, mark stale runs KILLED, open the parent run, enqueue cells."""
+    client = tracking.open_client(tracking_uri)
+    experiment_id = tracking.ensure_experiment(client, plan.grid.name, settings.results, tracking_uri)
+    storage = open_storage(storage_url, heartbeat)
+    name = study_name(plan)
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
+    _fail_stale(study)
+    liveness = Liveness(storage)
+    killed = [r.info.run_id for r in tracking.kill_stale(
+        client, experiment_id,
+        lambda run: liveness(run) and (run.data.tags.get(tracking.KIND) != "grid"
+                                       or tracking.heartbeat_alive(run, 3 * heartbeat)))]
+    version = tracking.code_version()
+    parent = tracking.start_grid_run(
+        client, experiment_id, plan,
+        tags={"grid": plan.grid.name, "dfkd.queue.study": name, "dfkd.host": socket.gethostname()},
+        params={"grid": plan.grid.name, "grid_source": plan.grid.source, "cells": len(plan.cells),
+                "skipped": len(plan.skipped), "workers": workers, "devices": ",".join(devices) or settings.device,
+                "code_version": version, "queue_storage": storage_url.split("@")[-1]},
+    )
+    done = set(tracking.finished_cells(client, experiment_id)) & {c.cell_id for c in plan.cells}
+    active = {t.user_attrs.get("cell_id") for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,
+                                                                                            TrialState.RUNNING))}
+    enqueued = 0
+    for cell in plan.cells:
+        if cell.cell_id in done or cell.cell_id in active:
+            continue
+        study.enqueue_trial({}, user_attrs={"cell_id": cell.cell_id, "label": cell.label, "cell": cell.to_dict()})
+        enqueued += 1
+    cpu_threads = None
+    if workers > 1 and not any(d.startswith("cuda") for d in devices):
+        cpu_threads = max(1, (os.cpu_count() or 1) // workers)
+    config = RunnerConfig(
+        results=str(settings.results), data_dir=str(settings.data_dir), device=settings.device,
+        tracking_uri=tracking_uri, storage=storage_url, study=name, experiment_id=experiment_id,
+        parent_run_id=parent, code_version=version, heartbeat=heartbeat, devices=tuple(devices), threads=cpu_threads,
+    )
+    return Prepared(config, done, enqueued, killed)
+
+
+# ----------------------------------------------------------------------------- progress display
+@dataclass
+class CellView:
+    cell: Cell
+    state: str  # done | failed | running | queued | pending
+    progress: tuple[int, int, float | None] | None = None
+    started: float | None = None
+    seconds: float | None = None
+    result: dict[str, float] | None = None
+    error: str | None = None
+    new: bool = False  # finished during this invocation
+
+
+class Monitor:
+    """Polls the queue: cells done / total, running cells with their progress, ETA; keeps the parent alive."""
+
+    def __init__(self, plan: Plan, prepared: Prepared, workers: int, echo: Echo, live: bool) -> None:
+        self.plan = plan
+        self.prepared = prepared
+        self.workers = workers
+        self.echo = echo
+        self.live_display = live
+        self.storage = open_storage(prepared.config.storage, prepared.config.heartbeat)
+        self.study = optuna.load_study(study_name=prepared.config.study, storage=self.storage)
+        self.client = tracking.open_client(prepared.config.tracking_uri)
+        self.started = time.time()
+        self.reported: set[tuple[str, str]] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._live: Any = None
+        self._beat = 0.0
+
+    # -- state
+    def snapshot(self) -> list[CellView]:
+        latest: dict[str, Any] = {}
+        for trial in self.study.get_trials(deepcopy=False):
+            cid = trial.user_attrs.get("cell_id")
+            if cid is None or trial.state == TrialState.PRUNED:
+                continue
+            if cid not in latest or trial.number > latest[cid].number:
+                latest[cid] = trial
+        views = []
+        for cell in self.plan.cells:
+            trial = latest.get(cell.cell_id)
+            view = CellView(cell, "pending")
+            if cell.cell_id in self.prepared.done_before:
+                view.state = "done"
+            if trial is not None and (trial.state in (TrialState.RUNNING, TrialState.WAITING)
+                                      or (trial.datetime_complete is not None
+                                          and trial.datetime_complete.timestamp() >= self.started)):
+                start = trial.datetime_start.timestamp() if trial.datetime_start else None
+                end = trial.datetime_complete.timestamp() if trial.datetime_complete else None
+                view.started = start
+                view.seconds = (end - start) if (start and end) else None
+                if trial.state == TrialState.COMPLETE:
+                    view.state, view.new, view.result = "done", True, trial.user_attrs.get("result")
+                elif trial.state == TrialState.FAIL:
+                    view.state, view.new, view.error = "failed", True, trial.user_attrs.get("error", "interrupted")
+                elif trial.state == TrialState.RUNNING:
+                    view.state = "running"
+                    progress = trial.user_attrs.get("progress")
+                    view.progress = tuple(progress) if progress else None  # type: ignore[assignment]
+                elif trial.state == TrialState.WAITING:
+                    view.state = "queued"
+            views.append(view)
+        return views
+
+    def eta(self, views: list[CellView]) -> float | None:
+        durations = [v.seconds for v in views if v.new and v.state == "done" and v.seconds]
+        left = [v for v in views if v.state in ("queued", "running", "pending")]
+        if not left:
+            return 0.0
+        now = time.time()
+        if durations:
+            mean = sum(durations) / len(durations)
+        else:  # from the running cells' progress
+            rates = [(now - v.started) / (v.progress[0] / v.progress[1]) for v in views
+                     if v.state == "running" and v.started and v.progress and v.progress[0] > 0]
+            if not rates:
+                return None
+            mean = sum(rates) / len(rates)
+        work = sum(max(0.0, mean - (now - v.started)) if v.state == "running" and v.started else mean for v in left)
+        return work / max(1, min(self.workers, len(left)))
+
+    # -- output
+    def _report_events(self, views: list[CellView]) -> None:
+        total = len(views)
+        done = sum(v.state == "done" for v in views)
+        for view in views:
+            key = (view.cell.cell_id, view.state)
+            if key in self.reported or not (view.new or view.state == "running"):
+                continue
+            self.reported.add(key)
+            if view.state == "running":
+                self._print(f"[{done}/{total}] start  {view.cell.label}")
+            elif view.state == "done":
+                r = view.result or {}
+                self._print(f"[{done}/{total}] done   {view.cell.label}: test {100 * r.get('test_accuracy', math.nan):.2f}% "
+                            f"(best-val {100 * r.get('best_val_test_accuracy', math.nan):.2f}%) "
+                            f"in {r.get('wall_seconds', math.nan):.1f} s")
+            elif view.state == "failed":
+                self._print(f"[{done}/{total}] FAILED {view.cell.label}: {view.error}")
+
+    def _print(self, line: str) -> None:
+        if self._live is not None:
+            self._live.console.print(line, markup=False, highlight=False)
+        else:
+            self.echo(line)
+
+    def render(self, views: list[CellView]) -> Any:
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
+        total = len(views)
+        done = sum(v.state == "done" for v in views)
+        failed = sum(v.state == "failed" for v in views)
+        running = [v for v in views if v.state == "running"]
+        eta = self.eta(views)
+        head = Text(f"grid {self.plan.grid.name}: {done}/{total} done, {failed} failed, {len(running)} running, "
+                    f"elapsed {_duration(time.time() - self.started)}, ETA {_duration(eta) if eta is not None else '?'}")
+        bar = ProgressBar(total=max(total, 1), completed=done + failed, width=40)
+        table = Table.grid(padding=(0, 1))
+        for view in running:
+            it, n, val = view.progress or (0, 1, None)
+            table.add_row(Text(view.cell.label), ProgressBar(total=max(n, 1), completed=it, width=30),
+                          Text(f"{it}/{n}"), Text(f"val {100 * val:.2f}%" if val is not None else ""),
+                          Text(_duration(time.time() - view.started) if view.started else ""))
+        return Group(head, bar, table)
+
+    def tick(self) -> list[CellView]:
+        views = self.snapshot()
+        self._report_events(views)
+        if self._live is not None:
+            self._live.update(self.render(views))
+        now = time.time()
+        if now - self._beat >= self.prepared.config.heartbeat:
+            self._beat = now
+            _best_effort(lambda: self.client.set_tag(self.prepared.config.parent_run_id, tracking.HEARTBEAT, str(now)))
+        return views
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            _best_effort(self.tick)
+
+    def __enter__(self) -> Monitor:
+        if self.live_display:
+            from rich.console import Console
+            from rich.live import Live
+
+            self._live = Live(console=Console(stderr=True), refresh_per_second=4, transient=True)
+            self._live.__enter__()
+        self._thread = threading.Thread(target=self._loop, name="dfkd-monitor", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        _best_effort(self.tick)
+        if self._live is not None:
+            self._live.__exit__(None, None, None)
+            self._live = None
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+# ----------------------------------------------------------------------------- running a grid
+@dataclass
+class CellRow:
+    """A cell's outcome as read back from MLflow (and the queue, for cells that never got a run)."""
+
+    cell: Cell
+    status: str
+    metrics: dict[str, float]
+    run_id: str | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.cell.spec
+        return {"cell_id": self.cell.cell_id, "method": s.method, "dataset": s.dataset, "pair": self.cell.pair,
+                "collected": s.budget.collected, "seed": s.seed, "profile": s.profile, "status": self.status,
+                "run_id": self.run_id, "error": self.error, **self.metrics}
+
+
+@dataclass
+class Outcome:
+    plan: Plan
+    rows: list[CellRow]
+    wall_seconds: float
+    interrupted: bool = False
+    experiment_id: str = ""
+    parent_run_id: str = ""
+    tracking_uri: str = ""
+
+    @property
+    def failed(self) -> list[CellRow]:
+        return [r for r in self.rows if r.status != "FINISHED"]
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 1 if self.failed else 0
+
+
+FINAL_METRICS = ("test_accuracy", "best_val_test_accuracy", "best_val_accuracy", "teacher_accuracy",
+                 "teacher_images", "wall_seconds")
+
+
+def collect(client: MlflowClient, experiment_id: str, plan: Plan, errors: dict[str, str] | None = None) -> list[CellRow]:
+    """Each cell's FINISHED run, else its latest run, else 'NOT RUN' (with the queue's error if any)."""
+    latest = tracking.latest_by_cell(client, experiment_id)
+    rows = []
+    for cell in plan.cells:
+        run = latest.get(cell.cell_id)
+        if run is None:
+            rows.append(CellRow(cell, "NOT RUN", {}, None, (errors or {}).get(cell.cell_id)))
+            continue
+        metrics = {k: run.data.metrics[k] for k in FINAL_METRICS if k in run.data.metrics}
+        rows.append(CellRow(cell, run.info.status, metrics, run.info.run_id, run.data.tags.get("dfkd.error")))
+    return rows
+
+
+def run_grid(
+    plan: Plan,
+    settings: Settings,
+    *,
+    workers: int = 1,
+    devices: Sequence[str] = (),
+    tracking_uri: str | None = None,
+    storage: str | None = None,
+    heartbeat: int = DEFAULT_HEARTBEAT,
+    train_teachers: bool = True,
+    echo: Echo = print,
+    live: bool = False,
+) -> Outcome:
+    """Run every cell of ``plan`` not yet finished, in ``workers`` processes; returns the outcome.
+
+    With one worker the cells run in this process.  Ctrl-C or SIGTERM marks the running cells
+    KILLED and returns an interrupted outcome (exit code 130); running the same grid again resumes.
+    """
+    started = time.time()
+    uri = tracking.resolve_tracking_uri(settings.results, tracking_uri)
+    storage_url = storage or default_storage(settings.results)
+    if devices:
+        settings = dataclasses.replace(settings, device=devices[0])
+    ensure_teachers(plan, settings, train_teachers, echo)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    prepared = prepare(plan, settings, uri, storage_url, heartbeat, workers, devices)
+    cfg = prepared.config
+    for run_id in prepared.killed:
+        echo(f"marked stale run {run_id} KILLED (its process had stopped)")
+    echo(f"grid {plan.grid.name}: {len(plan.cells)} cells ({len(prepared.done_before)} already finished, "
+         f"{prepared.enqueued} queued now), {len(plan.skipped)} skipped; {workers} worker(s); tracking {uri}")
+    interrupted = False
+    previous = _install_sigterm()
+    try:
+        with Monitor(plan, prepared, workers, echo, live) as monitor:
+            try:
+                if workers <= 1:
+                    if cfg.threads:
+                        torch.set_num_threads(cfg.threads)
+                    Worker(cfg, 0).run()
+                else:
+                    _run_processes(cfg, workers)
+            except KeyboardInterrupt:
+                interrupted = True
+            views = monitor.snapshot()
+    finally:
+        _restore_sigterm(previous)
+    client = tracking.open_client(uri)
+    errors = {v.cell.cell_id: v.error for v in views if v.error}
+    rows = collect(client, cfg.experiment_id, plan, errors)
+    wall = time.time() - started
+    failed = sum(r.status != "FINISHED" for r in rows)
+    status = "KILLED" if interrupted else ("FAILED" if failed else "FINISHED")
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    _best_effort(lambda: client.log_batch(cfg.parent_run_id, metrics=[
+        Metric("cells_finished", float(len(rows) - failed), now, 0), Metric("cells_not_finished", float(failed), now, 0),
+        Metric("cells_skipped", float(len(plan.skipped)), now, 0), Metric("wall_seconds", wall, now, 0)]))
+    _best_effort(lambda: tracking.end_run(client, cfg.parent_run_id, status))
+    return Outcome(plan, rows, wall, interrupted, cfg.experiment_id, cfg.parent_run_id, uri)
+
+
+def _install_sigterm() -> Any:
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _restore_sigterm(previous: Any) -> None:
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_processes(cfg: RunnerConfig, workers: int) -> None:
+    """Start ``workers`` worker processes and wait; on interrupt, stop them (they mark their runs KILLED)."""
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=worker_process, args=(cfg, i), name=f"dfkd-worker-{i}") for i in range(workers)]
+    for proc in procs:
+        proc.start()
+    try:
+        while any(p.is_alive() for p in procs):
+            for proc in procs:
+                proc.join(timeout=0.5)
+    except KeyboardInterrupt as error:
+        # Ctrl-C reached the workers too (same process group): let them mark their runs KILLED.
+        # SIGTERM reached only us: forward it at once.
+        grace = 0.0 if isinstance(error, Interrupted) else 15.0
+        _stop_processes(procs, grace)
+        raise
+
+
+def _stop_processes(procs: list[Any], grace: float) -> None:
+    deadline = time.time() + grace
+    for proc in procs:
+        proc.join(timeout=max(0.0, deadline - time.time()))
+    for proc in procs:
+        if proc.is_alive() and proc.pid is not None:
+            _best_effort(lambda pid=proc.pid: os.kill(pid, signal.SIGTERM))
+    deadline = time.time() + 60
+    for proc in procs:
+        proc.join(timeout=max(0.1, deadline - time.time()))
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
