@@ -13,9 +13,7 @@ MLflow is the record of what finished: re-running a grid skips cells with a FINI
 re-runs failed, killed or never-started ones.  The queue study is named after the grid and the
 hash of its cell set, so the same grid resumes the same queue and an edited grid gets a new one.
 
-On SQLite (the default queue, ``<results>/queue.db``) every transaction starts with
-``BEGIN IMMEDIATE``: the driver's default would let two processes read the same WAITING trial
-before either writes, and both would run it.
+The queue itself (storage, heartbeats, SQLite locking) is :mod:`benchmark.workqueue`.
 """
 from __future__ import annotations
 
@@ -28,7 +26,6 @@ import socket
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,13 +45,12 @@ from .experiment import load_data
 from .grid import Cell, Plan
 from .settings import Settings
 from .teachers import default_recipe, read_manifest, teacher_dir, timed_train
+from .workqueue import DEFAULT_HEARTBEAT, default_storage, fail_stale, open_storage
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
-QUEUE_DB = "queue.db"
-DEFAULT_HEARTBEAT = 10  # seconds between heartbeats; a trial silent for 3× this is stale
 PROGRESS_EVERY = 2.0  # seconds between progress reports of a running cell
 Echo = Callable[[str], None]
 
@@ -68,48 +64,8 @@ class CellFailed(Exception):
 
 
 # ----------------------------------------------------------------------------- the queue
-def default_storage(results: Path) -> str:
-    return f"sqlite:///{(Path(results) / QUEUE_DB).resolve()}"
-
-
-def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT) -> optuna.storages.RDBStorage:
-    """An Optuna RDB storage with heartbeats; stale trials are re-enqueued (3 retries)."""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-    sqlite = url.startswith("sqlite")
-    kwargs: dict[str, Any] = {}
-    if sqlite:
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: the driver issues no implicit BEGIN; we issue BEGIN IMMEDIATE below.
-        kwargs = {"connect_args": {"timeout": 120, "isolation_level": None}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=kwargs,
-            heartbeat_interval=heartbeat,
-            grace_period=3 * heartbeat,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-        )
-    if sqlite:
-        from sqlalchemy import event
-
-        @event.listens_for(storage.engine, "begin")
-        def _begin_immediate(connection: Any) -> None:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-        storage.engine.dispose()
-    return storage
-
-
 def study_name(plan: Plan) -> str:
     return f"grid:{plan.grid.name}:{plan.digest}"
-
-
-def _fail_stale(study: optuna.Study) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
 
 
 class Liveness:
@@ -209,7 +165,7 @@ class Worker:
                 self.study.optimize(self.objective, n_trials=1, catch=(CellFailed,), gc_after_trial=False)
             elif TrialState.RUNNING in states:
                 # Cells run elsewhere: wait, so that one whose worker dies is retried here.
-                _fail_stale(self.study)
+                fail_stale(self.study)
                 time.sleep(self.poll)
             else:
                 return
@@ -337,12 +293,9 @@ def prepare(plan: Plan, settings: Settings, tracking_uri: str, storage_url: str,
     storage = open_storage(storage_url, heartbeat)
     name = study_name(plan)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
-    _fail_stale(study)
-    liveness = Liveness(storage)
-    killed = [r.info.run_id for r in tracking.kill_stale(
-        client, experiment_id,
-        lambda run: liveness(run) and (run.data.tags.get(tracking.KIND) != "grid"
-                                       or tracking.heartbeat_alive(run, 3 * heartbeat)))]
+    fail_stale(study)
+    killed = [r.info.run_id for r in tracking.kill_stale(client, experiment_id, Liveness(storage), kind="cell")]
+    killed += [r.info.run_id for r in tracking.kill_stale_grid_runs(client, experiment_id)]
     version = tracking.code_version()
     parent = tracking.start_grid_run(
         client, experiment_id, plan,
@@ -350,6 +303,7 @@ def prepare(plan: Plan, settings: Settings, tracking_uri: str, storage_url: str,
         params={"grid": plan.grid.name, "grid_source": plan.grid.source, "cells": len(plan.cells),
                 "skipped": len(plan.skipped), "workers": workers, "devices": ",".join(devices) or settings.device,
                 "code_version": version, "queue_storage": storage_url.split("@")[-1]},
+        heartbeat=heartbeat,
     )
     done = set(tracking.finished_cells(client, experiment_id)) & {c.cell_id for c in plan.cells}
     active = {t.user_attrs.get("cell_id") for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,
@@ -448,7 +402,7 @@ class Monitor:
             mean = sum(durations) / len(durations)
         else:  # from the running cells' progress
             rates = [(now - v.started) / (v.progress[0] / v.progress[1]) for v in views
-                     if v.state == "running" and v.started and v.progress and v.progress[0] > 0]
+                     if v.state == "running" and v.started and v.progress and v.progress[0] >= 0.05 * v.progress[1]]
             if not rates:
                 return None
             mean = sum(rates) / len(rates)
@@ -497,8 +451,9 @@ class Monitor:
         table = Table.grid(padding=(0, 1))
         for view in running:
             it, n, val = view.progress or (0, 1, None)
-            table.add_row(Text(view.cell.label), ProgressBar(total=max(n, 1), completed=it, width=30),
-                          Text(f"{it}/{n}"), Text(f"val {100 * val:.2f}%" if val is not None else ""),
+            table.add_row(Text(view.cell.label, no_wrap=True, overflow="ellipsis"),
+                          ProgressBar(total=max(n, 1), completed=it, width=16),
+                          Text(f"{it}/{n}", no_wrap=True), Text(f"val {100 * val:.1f}%" if val is not None else ""),
                           Text(_duration(time.time() - view.started) if view.started else ""))
         return Group(head, bar, table)
 
@@ -510,7 +465,8 @@ class Monitor:
         now = time.time()
         if now - self._beat >= self.prepared.config.heartbeat:
             self._beat = now
-            _best_effort(lambda: self.client.set_tag(self.prepared.config.parent_run_id, tracking.HEARTBEAT, str(now)))
+            _best_effort(self.client.set_tag, self.prepared.config.parent_run_id, tracking.HEARTBEAT, str(now))
+            _best_effort(tracking.kill_stale_grid_runs, self.client, self.prepared.config.experiment_id)
         return views
 
     def _loop(self) -> None:
@@ -533,6 +489,7 @@ class Monitor:
         if self._thread is not None:
             self._thread.join()
         _best_effort(self.tick)
+        _best_effort(tracking.kill_stale_grid_runs, self.client, self.prepared.config.experiment_id)
         if self._live is not None:
             self._live.__exit__(None, None, None)
             self._live = None

@@ -54,6 +54,7 @@ KIND = "dfkd.kind"
 CELL_ID = "dfkd.cell_id"
 PARENT = "mlflow.parentRunId"
 HEARTBEAT = "dfkd.heartbeat"
+HEARTBEAT_INTERVAL = "dfkd.heartbeat_interval"
 QUEUE_STUDY = "dfkd.queue.study"
 QUEUE_TRIAL = "dfkd.queue.trial"
 BATCH = 100  # MLflow's per-request limit for params and tags
@@ -288,11 +289,12 @@ def end_run(client: MlflowClient, run_id: str, status: str) -> None:
 
 
 def start_grid_run(client: MlflowClient, experiment_id: str, plan: Plan, tags: dict[str, str],
-                   params: dict[str, Any]) -> str:
-    """The parent run of one invocation, with the grid file as ``grid.yaml``."""
+                   params: dict[str, Any], heartbeat: float) -> str:
+    """The parent run of one invocation (kept alive by a heartbeat tag), with ``grid.yaml`` and ``plan.yaml``."""
     from mlflow.entities import Param
 
-    run = client.create_run(experiment_id, tags={KIND: "grid", HEARTBEAT: str(time.time()), **tags},
+    tags = {KIND: "grid", HEARTBEAT: str(time.time()), HEARTBEAT_INTERVAL: str(heartbeat), **tags}
+    run = client.create_run(experiment_id, tags=tags,
                             run_name=f"{plan.grid.name} {time.strftime('%Y-%m-%d %H:%M:%S')}")
     run_id = run.info.run_id
     for chunk in _batches([Param(k, _param_value(v)) for k, v in params.items()]):
@@ -345,9 +347,11 @@ def latest_by_cell(client: MlflowClient, experiment_id: str) -> dict[str, Run]:
 
 
 def kill_stale(client: MlflowClient, experiment_id: str, is_alive: Callable[[Run], bool],
-               cell_id: str | None = None) -> list[Run]:
+               cell_id: str | None = None, kind: str | None = None) -> list[Run]:
     """Mark RUNNING runs whose process is gone (``is_alive`` false) KILLED; returns them."""
     query = "attributes.status = 'RUNNING'"
+    if kind is not None:
+        query += f" and tags.`{KIND}` = '{kind}'"
     if cell_id is not None:
         query += f" and tags.`{CELL_ID}` = '{cell_id}'"
     killed = []
@@ -359,12 +363,19 @@ def kill_stale(client: MlflowClient, experiment_id: str, is_alive: Callable[[Run
     return killed
 
 
-def heartbeat_alive(run: Run, grace: float) -> bool:
-    """A grid (parent) run is alive while its invocation keeps refreshing ``dfkd.heartbeat``."""
+def heartbeat_alive(run: Run) -> bool:
+    """A grid (parent) run is alive while its invocation refreshes ``dfkd.heartbeat`` (3 intervals of grace)."""
     try:
-        return time.time() - float(run.data.tags.get(HEARTBEAT, "0")) < grace
+        interval = float(run.data.tags.get(HEARTBEAT_INTERVAL, "10"))
+        return time.time() - float(run.data.tags.get(HEARTBEAT, "0")) < 3 * interval
     except ValueError:
         return False
+
+
+def kill_stale_grid_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
+    """Mark RUNNING parent runs whose invocation stopped beating KILLED."""
+    return kill_stale(client, experiment_id, lambda run: run.data.tags.get(KIND) != "grid" or heartbeat_alive(run),
+                      kind="grid")
 
 
 def load_checkpoint(client: MlflowClient, run_id: str) -> dict[str, Any]:

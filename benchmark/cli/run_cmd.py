@@ -10,9 +10,10 @@ import click
 from methods.core.errors import DfkdError
 
 from ..grid import DEFAULT_GRID, Plan, describe_grid, expand, load_grid
-from ..runner import DEFAULT_HEARTBEAT, Outcome, default_storage, missing_teachers, run_grid
+from ..runner import Outcome, missing_teachers, run_grid
 from ..settings import Settings
 from ..tracking import resolve_tracking_uri
+from ..workqueue import DEFAULT_HEARTBEAT, default_storage
 from .app import common_options, main
 
 
