@@ -171,6 +171,16 @@ class Worker:
                 return
 
     def objective(self, trial: optuna.Trial) -> float:
+        """Run the trial's cell; any error becomes :class:`CellFailed` so that the grid goes on."""
+        try:
+            return self._objective(trial)
+        except (CellFailed, optuna.TrialPruned, KeyboardInterrupt):
+            raise
+        except Exception as error:  # the store or the queue failed around the cell
+            _best_effort(trial.set_user_attr, "error", f"{type(error).__name__}: {error}"[:2000])
+            raise CellFailed(str(error)) from error
+
+    def _objective(self, trial: optuna.Trial) -> float:
         data = trial.user_attrs.get("cell")
         if data is None:  # the queue emptied between our look and our pop: not a cell
             raise optuna.TrialPruned("no cell was waiting")
@@ -286,7 +296,7 @@ class Prepared:
 
 
 def prepare(plan: Plan, settings: Settings, tracking_uri: str, storage_url: str, heartbeat: int,
-            workers: int, devices: Sequence[str]) -> Prepared:
+            workers: int, devices: Sequence[str], threads: int | None = None) -> Prepared:
     """Create the store and experiment once, mark stale runs KILLED, open the parent run, enqueue cells."""
     client = tracking.open_client(tracking_uri)
     experiment_id = tracking.ensure_experiment(client, plan.grid.name, settings.results, tracking_uri)
@@ -314,9 +324,9 @@ def prepare(plan: Plan, settings: Settings, tracking_uri: str, storage_url: str,
             continue
         study.enqueue_trial({}, user_attrs={"cell_id": cell.cell_id, "label": cell.label, "cell": cell.to_dict()})
         enqueued += 1
-    cpu_threads = None
-    if workers > 1 and not any(d.startswith("cuda") for d in devices):
-        cpu_threads = max(1, (os.cpu_count() or 1) // workers)
+    cpu_threads = threads
+    if cpu_threads is None and workers > 1 and not any(d.startswith("cuda") for d in devices):
+        cpu_threads = max(1, (os.cpu_count() or 1) // workers)  # share the cores instead of oversubscribing
     config = RunnerConfig(
         results=str(settings.results), data_dir=str(settings.data_dir), device=settings.device,
         tracking_uri=tracking_uri, storage=storage_url, study=name, experiment_id=experiment_id,
@@ -572,13 +582,16 @@ def run_grid(
     tracking_uri: str | None = None,
     storage: str | None = None,
     heartbeat: int = DEFAULT_HEARTBEAT,
+    threads: int | None = None,
     train_teachers: bool = True,
     echo: Echo = print,
     live: bool = False,
 ) -> Outcome:
     """Run every cell of ``plan`` not yet finished, in ``workers`` processes; returns the outcome.
 
-    With one worker the cells run in this process.  Ctrl-C or SIGTERM marks the running cells
+    With one worker the cells run in this process.  ``threads``: torch intra-op threads per worker
+    (default: torch's own choice with one worker, the cores split evenly with several).
+    Ctrl-C or SIGTERM marks the running cells
     KILLED and returns an interrupted outcome (exit code 130); running the same grid again resumes.
     """
     started = time.time()
@@ -588,7 +601,7 @@ def run_grid(
         settings = dataclasses.replace(settings, device=devices[0])
     ensure_teachers(plan, settings, train_teachers, echo)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    prepared = prepare(plan, settings, uri, storage_url, heartbeat, workers, devices)
+    prepared = prepare(plan, settings, uri, storage_url, heartbeat, workers, devices, threads)
     cfg = prepared.config
     for run_id in prepared.killed:
         echo(f"marked stale run {run_id} KILLED (its process had stopped)")
@@ -600,9 +613,13 @@ def run_grid(
         with Monitor(plan, prepared, workers, echo, live) as monitor:
             try:
                 if workers <= 1:
+                    previous_threads = torch.get_num_threads()
                     if cfg.threads:
                         torch.set_num_threads(cfg.threads)
-                    Worker(cfg, 0).run()
+                    try:
+                        Worker(cfg, 0).run()
+                    finally:
+                        torch.set_num_threads(previous_threads)
                 else:
                     _run_processes(cfg, workers)
             except KeyboardInterrupt:

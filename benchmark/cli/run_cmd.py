@@ -83,11 +83,14 @@ def print_outcome(outcome: Outcome) -> None:
                    "Machines sharing one storage and one MLflow server split the grid.")
 @click.option("--heartbeat", type=click.IntRange(min=1), default=DEFAULT_HEARTBEAT, show_default=True,
               help="Seconds between a worker's heartbeats; a cell silent for 3x this is retried elsewhere.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch CPU threads per worker (default: torch's choice with one worker, cores / workers with several).")
 @click.option("--no-train-teachers", is_flag=True, help="Fail instead of training a teacher the cache lacks.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (cells, or outcomes; accuracies as fractions).")
 @common_options
 def run_command(grid_ref: str, dry_run: bool, workers: int | None, devices: str | None, iterations: int | None,
-                tracking_uri: str | None, storage: str | None, heartbeat: int, no_train_teachers: bool, as_json: bool,
+                tracking_uri: str | None, storage: str | None, heartbeat: int, threads: int | None, no_train_teachers: bool,
+                as_json: bool,
                 settings: Settings) -> None:
     """Run a grid: methods × datasets × collected budgets × seeds, every cell an MLflow run.
 
@@ -121,7 +124,7 @@ def run_command(grid_ref: str, dry_run: bool, workers: int | None, devices: str 
         raise DfkdError(f"grid {grid.name} has no cell to run ({len(plan.skipped)} skipped); see --dry-run")
     outcome = run_grid(
         plan, settings, workers=n_workers, devices=device_list, tracking_uri=uri, storage=storage_url,
-        heartbeat=heartbeat, train_teachers=not no_train_teachers, echo=lambda line: click.echo(line, err=True),
+        heartbeat=heartbeat, threads=threads, train_teachers=not no_train_teachers, echo=lambda line: click.echo(line, err=True),
         live=sys.stderr.isatty(),
     )
     if as_json:
