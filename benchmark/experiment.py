@@ -76,13 +76,13 @@ def execute(
     spec: RunSpec,
     settings: Settings,
     callbacks: Sequence[Callback] = (),
-    data: TaskData | None = None,
     download: bool = False,
+    data: TaskData | None = None,
 ) -> tuple[DistillResult, dict[str, Any]]:
-    """Load the cached teacher and the data, build the student (seeded), and distil.
+    """Load the cached teacher and the data (``download`` lets torchvision fetch), build the student (seeded), distil.
 
     ``data`` reuses a task already loaded with :func:`load_data` for this spec (the grid runner
-    runs many cells on one dataset); by default it is loaded here (``download`` lets torchvision fetch).
+    runs many cells on one dataset); by default it is loaded here.
     """
     manifest = validate(spec, settings)
     device = settings.torch_device
