@@ -1,9 +1,9 @@
 """Tuning: the declared search space, validation-only objective, pruning, MLflow records, resume, export."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from benchmark import tracking
 from benchmark.cli import main
 from benchmark.grid import expand, load_grid
+from benchmark.teachers import default_recipe, timed_train
 from benchmark.tune import TuneConfig, default_tune_storage, tune
 from methods import CollectedUse, CommonHparams, DistillContext, Method, get_method
 from methods.core import registry
@@ -31,9 +32,12 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory, results_dir: Path) -> Path:
+def results(tmp_path_factory: pytest.TempPathFactory, mnist) -> Path:
+    """A LeNet-5 teacher trained briefly on 4,000 images (≈ 85-90%: plenty to tell good trials from bad)."""
     root = tmp_path_factory.mktemp("tune") / "results"
-    shutil.copytree(results_dir / "teachers", root / "teachers")
+    small = dataclasses.replace(mnist, train=mnist.train.subset(torch.arange(4000)))
+    recipe = dataclasses.replace(default_recipe("mnist"), epochs=2)
+    timed_train(root, "mnist", "lenet5", small, recipe, seed=0, device=torch.device("cpu"))
     return root
 
 
@@ -91,7 +95,7 @@ def test_weak_trial_is_pruned_and_every_trial_is_a_nested_mlflow_run(results: Pa
     trials = outcome.study.get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2 + [optuna.trial.TrialState.PRUNED]
     assert set(trials[0].params) == set(Oracle.search_space)  # the declared space, nothing else
-    assert trials[0].value > 0.9 and trials[0].intermediate_values == {10: pytest.approx(trials[0].value), 20:
+    assert trials[0].value > 0.5 and trials[0].intermediate_values == {10: pytest.approx(trials[0].value), 20:
                                                                        pytest.approx(trials[0].value)}
     assert list(trials[2].intermediate_values) == [10]  # stopped at its first validation
 
