@@ -23,6 +23,10 @@ A grid is a YAML file (read with ``yaml.safe_load``) such as::
         sweep: {lambda_d: [0.01, 1], collected: [500, 5000]}   # one at a time from the base
                                                                # (sensitivity figures)
 
+A method's ``sweep`` (``{lambda_d: [0.01, 1], collected: [500, 5000]}``) adds, for sensitivity
+figures, one variant per listed value with that value alone changed from the base (the
+method's overrides and the grid's first budget): one-at-a-time, not a Cartesian product.
+
 Expanding a grid gives the cells to run and the cells skipped with their reason (a budget the
 method does not accept, a dataset its profile does not cover); nothing is dropped silently.  A
 cell's id is a hash of its resolved configuration (every hyperparameter after defaults, profile,

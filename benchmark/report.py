@@ -246,7 +246,7 @@ def sensitivity_axes(ax: Any, frame: pd.DataFrame, param: str, metric: str) -> p
     if not points:
         raise DfkdError(f"no finished run with metric {metric!r} varies {param!r}")
     xs = [p["x"] for p in points if isinstance(p["x"], (int, float))]
-    if xs and min(xs) > 0 and max(xs) / min(xs) >= 100:
+    if xs and min(xs) > 0 and max(xs) / min(xs) >= 20:
         ax.set_xscale("log")
     unit = "" if param in LABELS else " (value)"
     ax.set_xlabel(LABELS.get(param, param) + unit)
@@ -284,7 +284,8 @@ def plot_sensitivity(uri: str, results: Path, experiment: str | None, param: str
     metric = pick_metric(frame, metric)
     plt = _pyplot()
     if param in ("all", "figure2"):
-        params = [p for p in FIGURE2 if p in sweep_params(frame)] if param == "figure2" else sweep_params(frame)
+        swept = sweep_params(frame)
+        params = [p for p in FIGURE2 if p in swept] + ([p for p in swept if p not in FIGURE2] if param == "all" else [])
         if not params:
             raise DfkdError(f"no hyperparameter varies across the runs of {experiment or 'the store'}; "
                             "run a sweep grid (e.g. --grid hidfd-sensitivity) first")

@@ -180,7 +180,8 @@ class Tuner:
             self._data = load_data(self.config.spec({}), self.config.settings, self.manifest)
         return self._data
 
-    def run(self) -> None:
+    def run(self, limit: int | None = None) -> None:
+        """Run trials until the study holds ``trials`` finished ones (at most ``limit`` here)."""
         cfg = self.config
 
         def enough(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -189,6 +190,8 @@ class Tuner:
 
         fail_stale_trials(self.study)
         left = cfg.trials - finished_count(self.study)
+        if limit is not None:
+            left = min(left, limit)
         if left > 0:
             self.study.optimize(self.objective, n_trials=left, callbacks=[enough], catch=(Exception,),
                                 gc_after_trial=False)
@@ -245,13 +248,13 @@ def _fmt(values: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
 
-def tune_process(config: TuneConfig) -> None:
-    """Entry point of a ``--workers N`` process."""
+def tune_process(config: TuneConfig, limit: int) -> None:
+    """Entry point of a ``--workers N`` process (``limit``: its share of the missing trials)."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        Tuner(config).run()
+        Tuner(config).run(limit)
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -316,9 +319,12 @@ def tune(config: TuneConfig, workers: int = 1, echo: Echo | None = None) -> Tune
         else:
             threads = max(1, (os.cpu_count() or 1) // workers)
             config = TuneConfig(**{**config.__dict__, "threads": config.threads or threads})
-            make_study(config)  # create it once before the processes race to
+            study = make_study(config)  # create it once before the processes race to
+            fail_stale_trials(study)
+            left = max(0, config.trials - finished_count(study))
+            shares = [left // workers + (i < left % workers) for i in range(workers)]
             context = multiprocessing.get_context("spawn")
-            procs = [context.Process(target=tune_process, args=(config,)) for _ in range(workers)]
+            procs = [context.Process(target=tune_process, args=(config, share)) for share in shares if share]
             for proc in procs:
                 proc.start()
             for proc in procs:
