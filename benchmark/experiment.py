@@ -78,11 +78,13 @@ def execute(
     callbacks: Sequence[Callback] = (),
     download: bool = False,
     data: TaskData | None = None,
+    evaluate_test: bool = True,
 ) -> tuple[DistillResult, dict[str, Any]]:
     """Load the cached teacher and the data (``download`` lets torchvision fetch), build the student (seeded), distil.
 
     ``data`` reuses a task already loaded with :func:`load_data` for this spec (the grid runner
-    runs many cells on one dataset); by default it is loaded here.
+    runs many cells on one dataset); by default it is loaded here.  ``evaluate_test=False``: see
+    :func:`~methods.core.api.distill` (hyperparameter search never computes test accuracy).
     """
     manifest = validate(spec, settings)
     device = settings.torch_device
@@ -106,6 +108,7 @@ def execute(
         device=device,
         amp=spec.amp,
         callbacks=callbacks,
+        evaluate_test=evaluate_test,
     )
     return result, manifest
 

@@ -19,6 +19,13 @@ A grid is a YAML file (read with ``yaml.safe_load``) such as::
         iterations: 200
         budgets: [100]
         pairs: {mnist: "lenet5-bn->lenet5-half"}
+      - name: hidfd
+        sweep: {lambda_d: [0.01, 1], collected: [500, 5000]}   # one at a time from the base
+                                                               # (sensitivity figures)
+
+A method's ``sweep`` (``{lambda_d: [0.01, 1], collected: [500, 5000]}``) adds, for sensitivity
+figures, one variant per listed value with that value alone changed from the base (the
+method's overrides and the grid's first budget): one-at-a-time, not a Cartesian product.
 
 Expanding a grid gives the cells to run and the cells skipped with their reason (a budget the
 method does not accept, a dataset its profile does not cover); nothing is dropped silently.  A
@@ -59,7 +66,7 @@ BUILTIN_PAIRS: dict[str, tuple[str, str]] = {
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 TOP_KEYS = ("name", "description", "profile", "amp", "iterations", "batch_size", "seeds", "budgets", "datasets",
             "methods")
-METHOD_KEYS = ("name", "profile", "overrides", "iterations", "batch_size", "budgets", "seeds", "pairs")
+METHOD_KEYS = ("name", "profile", "overrides", "iterations", "batch_size", "budgets", "seeds", "pairs", "sweep")
 DATASET_KEYS = ("name", "teacher", "student", "pairs")
 BUDGET_KEYS = ("collected", "source", "balanced")
 AMP_CHOICES = ("auto", "bf16", "off")
@@ -89,6 +96,21 @@ class MethodEntry:
     budgets: tuple[BudgetEntry, ...] | None = None
     seeds: tuple[int, ...] | None = None
     pairs: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()  # dataset -> pairs
+    # one-at-a-time sweep: hyperparameter (or "collected") -> values, each varied alone from the base
+    sweep: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    def variants(self, budgets: tuple[BudgetEntry, ...]) -> list[tuple[tuple[tuple[str, Any], ...],
+                                                                         tuple[BudgetEntry, ...]]]:
+        """(overrides, budgets) of every run: the base, then each swept value alone (sensitivity figures)."""
+        out = [(self.overrides, budgets)]
+        for name, values in self.sweep:
+            for value in values:
+                if name == "collected":
+                    first = budgets[0]
+                    out.append((self.overrides, (BudgetEntry(int(value), first.source, first.balanced),)))
+                else:
+                    out.append((tuple({**dict(self.overrides), name: value}.items()), budgets))
+        return out
 
     def pairs_for(self, dataset: str) -> tuple[tuple[str, str], ...] | None:
         return dict(self.pairs).get(dataset)
@@ -263,36 +285,37 @@ def expand(grid: Grid) -> Plan:
             iterations = entry.iterations if entry.iterations is not None else grid.iterations
             batch_size = entry.batch_size if entry.batch_size is not None else grid.batch_size
             coverage = _profile_gap(cls, profile, dataset.name)
-            for teacher, student in pairs:
-                for b in budgets:
-                    for seed in seeds:
-                        spec = RunSpec(
-                            method=entry.name,
-                            dataset=dataset.name,
-                            teacher=teacher,
-                            student=student,
-                            budget=Budget(b.collected, b.source, b.balanced, iterations, batch_size),
-                            profile=profile,
-                            seed=seed,
-                            overrides=entry.overrides,
-                            amp=grid.amp,
-                        )
-                        pair = f"{teacher}->{student}"
-                        if coverage:
-                            skipped.append(Skipped(entry.name, dataset.name, pair, b.collected, seed, coverage))
-                            continue
-                        try:
-                            check(spec)
-                        except BudgetError as error:
-                            skipped.append(Skipped(entry.name, dataset.name, pair, b.collected, seed, str(error)))
-                            continue
-                        except DfkdError as error:
-                            raise GridError(f"grid {grid.source}: methods[{index}] ({entry.name}): {error}") from None
-                        cell = make_cell(spec)
-                        if cell.cell_id in seen:
-                            continue  # the same resolved cell named twice (e.g. a pair listed twice) runs once
-                        seen.add(cell.cell_id)
-                        cells.append(cell)
+            for overrides, variant_budgets in entry.variants(budgets):
+                for teacher, student in pairs:
+                    for b in variant_budgets:
+                        for seed in seeds:
+                            spec = RunSpec(
+                                method=entry.name,
+                                dataset=dataset.name,
+                                teacher=teacher,
+                                student=student,
+                                budget=Budget(b.collected, b.source, b.balanced, iterations, batch_size),
+                                profile=profile,
+                                seed=seed,
+                                overrides=overrides,
+                                amp=grid.amp,
+                            )
+                            pair = f"{teacher}->{student}"
+                            if coverage:
+                                skipped.append(Skipped(entry.name, dataset.name, pair, b.collected, seed, coverage))
+                                continue
+                            try:
+                                check(spec)
+                            except BudgetError as error:
+                                skipped.append(Skipped(entry.name, dataset.name, pair, b.collected, seed, str(error)))
+                                continue
+                            except DfkdError as error:
+                                raise GridError(f"grid {grid.source}: methods[{index}] ({entry.name}): {error}") from None
+                            cell = make_cell(spec)
+                            if cell.cell_id in seen:
+                                continue  # the same resolved cell named twice (e.g. a pair listed twice) runs once
+                            seen.add(cell.cell_id)
+                            cells.append(cell)
     return Plan(grid, cells, skipped)
 
 
@@ -553,6 +576,7 @@ def _methods(value: Any, where: str, grid_profile: str) -> tuple[tuple[MethodEnt
             budgets=_budgets(item["budgets"], f"{at}.budgets") if "budgets" in item else None,
             seeds=_seeds(item["seeds"], f"{at}.seeds") if "seeds" in item else None,
             pairs=tuple(pairs),
+            sweep=_sweep(item.get("sweep"), cls, f"{at}.sweep"),
         ))
     names = [e.name for e in entries]
     for name in names:
@@ -570,6 +594,28 @@ def _methods(value: Any, where: str, grid_profile: str) -> tuple[tuple[MethodEnt
     if not entries:
         raise GridError(f"{where}: methods: no method selected; give 'all' or a list of: {', '.join(registered)}")
     return tuple(entries), all_methods
+
+
+def _sweep(value: Any, cls: Any, where: str) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """``sweep: {lambda_d: [0.1, 1, 10], collected: [100, 1000]}``: values checked like overrides."""
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise GridError(f"{where}: expected a mapping of hyperparameter (or collected): [values]")
+    out = []
+    for name, values in value.items():
+        items = values if isinstance(values, (list, tuple)) else [values]
+        if not items:
+            raise GridError(f"{where}.{name}: empty list; give at least one value")
+        if name == "collected":
+            checked = tuple(b.collected for b in _budgets(list(items), f"{where}.collected"))
+        else:
+            try:
+                checked = tuple(coerce_overrides(cls.Hparams, {name: v}, cls.name)[name] for v in items)
+            except DfkdError as error:
+                raise GridError(f"{where}: {error}") from None
+        out.append((str(name), checked))
+    return tuple(out)
 
 
 def _jsonable(value: Any) -> Any:

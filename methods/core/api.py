@@ -156,13 +156,15 @@ def distill(
     device: str | torch.device = "cpu",
     amp: str = "auto",
     callbacks: Sequence[Callback] = (),
+    evaluate_test: bool = True,
 ) -> DistillResult:
     """Distil ``teacher`` into ``student`` with the registered ``method`` under ``budget``.
 
     Hyperparameters: the method's paper defaults, then ``profile``'s recipe for the dataset, then
     ``overrides``, then the budget's ``iterations``/``batch_size``.  Evaluation follows spec §1.5:
     validation every ``eval_every`` iterations with best-val checkpointing, then test accuracy of
-    the last and of the best-val predictor.
+    the last and of the best-val predictor.  ``evaluate_test=False`` (hyperparameter search, spec
+    §1.5) never touches the test split: the test accuracies are NaN and not reported.
     """
     cls = get_method(method)
     hparams = cls.resolve_hparams(profile, data.dataset, overrides)
@@ -226,19 +228,20 @@ def distill(
         ctx.evaluate(hparams.iterations)
     wall = time.perf_counter() - started
 
-    test = data.test.to(dev)
     best = ctx.best_predictor()
-    test_last = accuracy(ctx.predictor, test)
-    test_best = accuracy(best, test)
-    teacher_acc = accuracy(counted.net, test)
-    final = {
-        "test_accuracy": test_last,
-        "best_val_test_accuracy": test_best,
-        "best_val_accuracy": ctx.best_val_accuracy,
-        "teacher_accuracy": teacher_acc,
-        "teacher_images": float(counted.images),
-        "wall_seconds": wall,
-    }
+    final: dict[str, float] = {}
+    test_last = test_best = teacher_acc = float("nan")
+    if evaluate_test:
+        test = data.test.to(dev)
+        test_last = accuracy(ctx.predictor, test)
+        test_best = accuracy(best, test)
+        teacher_acc = accuracy(counted.net, test)
+        final = {"test_accuracy": test_last, "best_val_test_accuracy": test_best}
+    final["best_val_accuracy"] = ctx.best_val_accuracy
+    if evaluate_test:
+        final["teacher_accuracy"] = teacher_acc
+    final["teacher_images"] = float(counted.images)
+    final["wall_seconds"] = wall
     ctx.log_metrics(hparams.iterations, final)
     return DistillResult(
         method=method,
