@@ -31,7 +31,7 @@ from torchvision.utils import make_grid
 
 from .core.biggan import BigGANDiscriminator, BigGANGenerator, EmaGenerator
 from .core.context import DistillContext
-from .core.errors import NonFiniteLossError
+from .core.errors import DfkdError, NonFiniteLossError
 from .core.images import ImageSet
 from .core.losses import batch_mean_entropy_terms, cross_entropy
 from .core.method import CollectedUse, CommonHparams, Method
@@ -164,32 +164,57 @@ class HiDFDHparams(CommonHparams):
     ema_start: int = 1_000  # plain copy of G until this GAN iteration
     gan_log_every: int = 500
 
+    def __post_init__(self) -> None:
+        checks = {
+            "inflation": self.inflation >= 0,
+            "n_synth": self.n_synth >= 0 and self.inflation + self.n_synth > 0,
+            "gan_iterations": self.gan_iterations >= 1,
+            "gan_batch_size": self.gan_batch_size >= 1,
+            "gan_ch": self.gan_ch >= 1,
+            "cfs_k": self.cfs_k >= 1,
+            "cfs_beta": 0.0 < self.cfs_beta < 1.0,
+            "ema_decay": 0.0 <= self.ema_decay < 1.0,
+            "gan_log_every": self.gan_log_every >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise DfkdError(f"bad value {getattr(self, name)!r} for {name!r} of method 'hidfd'")
+
 
 CIFAR_PAPER = {"iterations": 375_000, "gan_iterations": 20_000}
 
-# MNIST on a CPU: BigGAN ch 8, B 64, a short GAN stage and a short student stage (spec §6).
+# MNIST on a CPU in a few minutes (spec §6: ≥ 90% MNIST test within minutes): BigGAN ch 4 (width 16),
+# B 32, 1,000 GAN iterations, K 10, 5k synthetic, 2,000 student steps (as KD-collected quick).
+# Adam 1e-3 instead of 2e-4: the SN discriminator learns the real classes slowly, and at 2e-4 G had
+# not become class-conditional after 1,000 iterations in any run we made (teacher agreement with y_f
+# ~0.2); at 1e-3 it did in one of two seeds (0.70).  So the quick G is often unconditioned: its
+# samples still add diversity to the student set.  EMA decay 0.99 from iteration 500: G still
+# improves fast at the end, and a long average lags behind it.
 QUICK_MNIST = {
     "iterations": 2_000,
     "eval_every": 200,
-    "gan_iterations": 600,
-    "gan_batch_size": 64,
-    "gan_ch": 8,
-    "n_synth": 2_000,
+    "gan_iterations": 1_000,
+    "gan_batch_size": 32,
+    "gan_ch": 4,
+    "gan_lr": 1e-3,
+    "n_synth": 5_000,
     "cfs_k": 10,
-    "ema_decay": 0.999,
-    "ema_start": 300,
+    "ema_decay": 0.99,
+    "ema_start": 500,
     "gan_log_every": 100,
 }
-# The spec's §6 "HiDFD quick" row: ch 16, B 64, GAN 1,000 iterations, 5k synthetic, 5,000 student steps, K 10.
+# The spec's §6 "HiDFD quick" row (~10 CPU minutes): ch 16, B 64, GAN 1,000 iterations, 5k synthetic,
+# 5,000 student steps, K 10; Adam 1e-3 and the EMA as in QUICK_MNIST.
 MEDIUM_MNIST = {
     "iterations": 5_000,
     "eval_every": 500,
     "gan_iterations": 1_000,
     "gan_batch_size": 64,
     "gan_ch": 16,
+    "gan_lr": 1e-3,
     "n_synth": 5_000,
     "cfs_k": 10,
-    "ema_decay": 0.999,
+    "ema_decay": 0.99,
     "ema_start": 500,
     "gan_log_every": 100,
 }
@@ -332,7 +357,8 @@ def train_gan(ctx: DistillContext, hp: HiDFDHparams, real: ImageSet) -> torch.nn
 
         for name, value in (("loss_d", loss_d), ("hinge_d", loss_hinge_d), ("adc_d", loss_adc_d), ("fi", loss_fi),
                             ("loss_g", loss_g), ("hinge_g", loss_hinge_g), ("adc_g", loss_adc_g), ("cfs", loss_cfs),
-                            ("teacher_agrees", (t_logits.argmax(1) == y_f).float().mean())):
+                            ("teacher_agrees", (t_logits.argmax(1) == y_f).float().mean()),
+                            ("d_active", (out.h > 0).float().mean())):
             add(name, value)
         if it % hp.gan_log_every == 0 or it == hp.gan_iterations:
             count = hp.gan_log_every if it % hp.gan_log_every == 0 else it % hp.gan_log_every

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import methods.hidfd as hidfd
 from benchmark import zoo
-from methods import BaseCallback, Budget, BudgetError, distill, get_method
+from methods import BaseCallback, Budget, BudgetError, DfkdError, distill, get_method
 from methods.core.biggan import BigGANDiscriminator, BigGANGenerator, EmaGenerator
 from methods.core.images import ImageSet
 from methods.hidfd import (
@@ -146,6 +146,8 @@ def test_declares_the_tunable_hyperparameters() -> None:
         assert defaults[name] == value
         assert name in cls.search_space
     assert cls.resolve_hparams("quick", "mnist").gan_iterations < defaults["gan_iterations"]
+    with pytest.raises(DfkdError, match="cfs_beta"):
+        cls.resolve_hparams("quick", "mnist", {"cfs_beta": "1.5"})
 
 
 def test_needs_collected_examples(mnist, lenet5_teacher) -> None:
@@ -201,5 +203,5 @@ def test_short_mnist_run_learns(mnist, lenet5_teacher) -> None:
     recorder = Recorder()
     result = distill(lenet5_teacher, zoo.build("lenet5-half", 10, 1), Budget(collected=100), method="hidfd",
                      data=mnist, overrides=overrides, callbacks=[recorder])
-    assert result.test_accuracy > 0.5  # chance is 0.1
+    assert result.test_accuracy > 0.8  # chance is 0.1; ~0.95 measured
     assert {"gan/loss_d", "gan/fi", "gan/cfs", "gan/teacher_agrees"} <= set(recorder.metrics)
