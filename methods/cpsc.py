@@ -139,7 +139,8 @@ class CPSC(Method):
     """CPSC-DFKD: conditional generator with BN-statistics, SupCon and preset-label priors (spec §3.4)."""
 
     family = "adversarial, conditional generator"
-    citation = "CPSC-DFKD: conditional pseudo-supervised contrast for data-free knowledge distillation (spec §3.4)."
+    citation = ("Shao, Zhang, Wang: Conditional pseudo-supervised contrast for data-free knowledge distillation, "
+                "Pattern Recognition; arXiv 2510.03375; code github.com/RoryShao/CPSC-DFKD (spec §3.4).")
     notes = (
         "MNIST teacher: lenet5-bn (L_BN needs BatchNorm; with lenet5 the BN term is 0 and the run is "
         "flagged bn_loss_unavailable). Fixes the released code by default (persistent G Adam, CE on "

@@ -1,0 +1,217 @@
+"""CPSC-DFKD (spec §3.4) and its building blocks: SupCon (§2.7), the BN-statistics hook (§2.5)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from benchmark import zoo
+from methods import BaseCallback, Budget, distill, get_method
+from methods.core.contrastive import FrozenAdapter, supcon_loss, two_view_supcon
+from methods.core.hooks import BNStatisticsLoss
+from methods.core.schedules import scheduler
+from methods.cpsc import CPSC, label_ce, released_schedule
+
+
+# ----------------------------------------------------------------------------- SupCon
+def test_supcon_matches_hand_computed_value() -> None:
+    # two images (labels 0, 1), each seen by S and T; the two views of an image coincide.
+    u = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 1])
+    # anchor i: P(i) = its other view (u_i·u_p = 1), A(i) = 3 others with similarities {0, 1, 0}
+    # ℓ_i = −log(e^1 / (e^0 + e^1 + e^0)) = log(2 + e) − 1 for every anchor (τ = 1)
+    assert two_view_supcon(u, u, y, temperature=1.0).item() == pytest.approx(math.log(2 + math.e) - 1, abs=1e-6)
+    # τ = 0.5 scales the similarities: ℓ_i = log(2 + e²) − 2
+    assert two_view_supcon(u, u, y, temperature=0.5).item() == pytest.approx(math.log(2 + math.e**2) - 2, abs=1e-6)
+
+
+def test_supcon_matches_loop_reference() -> None:
+    torch.manual_seed(0)
+    u = nn.functional.normalize(torch.randn(6, 4), dim=1)
+    y = torch.tensor([0, 1, 0, 2, 0, 1])  # anchors with 2 positives, 1 positive and none (label 2)
+    tau = 0.3
+    losses = []
+    for i in range(6):
+        positives = [p for p in range(6) if p != i and y[p] == y[i]]
+        if not positives:
+            continue
+        denom = sum(math.exp(u[i].dot(u[a]).item() / tau) for a in range(6) if a != i)
+        losses.append(-sum(math.log(math.exp(u[i].dot(u[p]).item() / tau) / denom) for p in positives) / len(positives))
+    assert supcon_loss(u, y, tau).item() == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
+def test_adapter_is_frozen_and_renormalizes() -> None:
+    adapter = FrozenAdapter(60, 120)
+    assert not any(p.requires_grad for p in adapter.parameters())
+    out = adapter(nn.functional.normalize(torch.randn(5, 60), dim=1))
+    assert out.shape == (5, 120)
+    assert torch.allclose(out.norm(dim=1), torch.ones(5), atol=1e-5)
+    raw = FrozenAdapter(60, 120, renorm=False)
+    assert not torch.allclose(raw(torch.randn(5, 60)).norm(dim=1), torch.ones(5))
+
+
+# ----------------------------------------------------------------------------- BN hook
+def test_bn_loss_is_zero_when_batch_statistics_equal_running_ones() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.BatchNorm2d(3)).eval()
+    x = torch.randn(8, 3, 5, 5) * 2 + 1
+    bn = net[0]
+    bn.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+    bn.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
+    hook = BNStatisticsLoss(net)
+    with hook.capture():
+        net(x)
+    assert hook.loss().item() == pytest.approx(0.0, abs=1e-5)
+    # a shift of 1 in every channel: ‖μ_b − μ_run‖₂ = √3, variances unchanged
+    with hook.capture():
+        net(x + 1)
+    assert hook.loss().item() == pytest.approx(math.sqrt(3), rel=1e-5)
+
+
+def test_bn_hooks_exist_only_inside_capture() -> None:
+    net = zoo.build("lenet5-bn", 10, 1).eval()
+    hook = BNStatisticsLoss(net)
+    assert hook.available and len(hook.layers) == 3
+    x = torch.randn(4, 1, 32, 32)
+    assert all(not layer._forward_hooks for layer in hook.layers)
+    with hook.capture():
+        assert hook.active and all(len(layer._forward_hooks) == 1 for layer in hook.layers)
+        net(x)
+    assert not hook.active and all(not layer._forward_hooks for layer in hook.layers)
+    assert hook.loss().item() > 0
+    net(x)  # outside capture: nothing recorded
+    assert hook.loss().item() == 0.0
+    assert not BNStatisticsLoss(zoo.build("lenet5", 10, 1)).available
+
+
+@pytest.mark.parametrize("arch", ["wrn-16-1", "vgg11-bn"])
+def test_bn_hook_works_on_cifar_zoo_teachers(arch: str) -> None:
+    net = zoo.build(arch, 10, 3).eval().requires_grad_(False)
+    hook = BNStatisticsLoss(net)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    with hook.capture():
+        net(x)
+    loss = hook.loss()
+    loss.backward()
+    assert len(hook.layers) == len(net.bn_layers()) > 0
+    assert torch.isfinite(loss) and x.grad is not None and x.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- released-code flags
+def test_released_code_flags_change_behaviour() -> None:
+    logits = torch.tensor([[4.0, 0.0, -1.0], [0.5, 2.0, 0.0]])
+    y = torch.tensor([0, 2])
+    assert label_ce(logits, y).item() != pytest.approx(label_ce(logits, y, on_probs=True).item(), rel=1e-3)
+    # softmax of softmax: a bounded, much flatter loss than CE on logits
+    assert label_ce(logits, y, on_probs=True).item() < label_ce(logits, y).item()
+
+    def lrs(make) -> list[float]:
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = make(opt)
+        out = []
+        for _ in range(2000):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    fixed = lrs(lambda o: scheduler(o, "cosine", 2000, warmup=100))
+    released = lrs(lambda o: released_schedule(o, 2000))
+    assert fixed[100] == pytest.approx(1.0, abs=0.01) and released[100] < 0.5  # 10-epoch warm-up of 500 its
+    assert min(released[500:1500]) < 1e-3 < min(fixed[500:1500])  # double stepping reaches 0 at mid-run
+    assert fixed[-1] < 0.01 and released[-1] > 0.5  # ... and climbs back
+
+
+# ----------------------------------------------------------------------------- method runs
+class MetricSpy(BaseCallback):
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.metrics.update(metrics)
+
+
+def _run(teacher, mnist, callbacks=(), **overrides):
+    torch.manual_seed(0)
+    student = zoo.build("lenet5-half", 10, 1)
+    return distill(teacher, student, Budget(), method="cpsc", data=mnist, profile="quick",
+                   overrides=overrides, seed=0, device="cpu", callbacks=callbacks)
+
+
+TINY = {"iterations": 1, "batch_size": 8, "ngf": 4, "g_steps": 2, "s_steps": 1, "eval_every": 1}
+
+
+def test_hooks_are_on_in_generator_steps_and_off_in_student_steps(lenet5_bn_teacher, mnist, monkeypatch) -> None:
+    seen = {"s": 0, "g_terms": 0}
+    student_step = CPSC._student_step
+    bn_loss = BNStatisticsLoss.loss
+
+    def spy_student(ctx, *args, **kwargs):
+        assert all(not layer._forward_hooks for layer in ctx.teacher.net.bn_layers())
+        seen["s"] += 1
+        return student_step(ctx, *args, **kwargs)
+
+    def spy_loss(self):
+        seen["g_terms"] += len(self._terms)
+        return bn_loss(self)
+
+    monkeypatch.setattr(CPSC, "_student_step", staticmethod(spy_student))
+    monkeypatch.setattr(BNStatisticsLoss, "loss", spy_loss)
+    result = _run(lenet5_bn_teacher, mnist, **TINY)
+    assert seen["s"] == 1 and seen["g_terms"] == 2 * 3  # 2 G steps × 3 BN layers
+    assert all(not layer._forward_hooks for layer in lenet5_bn_teacher.bn_layers())
+    assert "bn_loss_unavailable" not in result.flags
+    assert result.artifacts["samples"].dtype == torch.uint8
+    assert result.artifacts["samples"].shape[1] == 10 * 34 + 2  # one 32-px row (+2 padding) per class
+
+
+def test_update_order_is_g_steps_then_s_steps(lenet5_bn_teacher, mnist, monkeypatch) -> None:
+    order: list[str] = []
+    for name, tag in (("_student_step", "S"), ("_generator_step", "G")):
+        original = getattr(CPSC, name)
+
+        def spy(*args, _original=original, _tag=tag, **kwargs):
+            order.append(_tag)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(CPSC, name, staticmethod(spy))
+    result = _run(lenet5_bn_teacher, mnist, iterations=2, batch_size=8, ngf=4, eval_every=2)
+    assert order == (["G"] * 6 + ["S"] * 5) * 2
+    assert result.teacher_images == 2 * 11 * 8  # one teacher forward per step
+
+
+def test_teacher_without_bn_is_flagged(lenet5_teacher, mnist) -> None:
+    assert "lenet5-bn" in get_method("cpsc").notes
+    result = _run(lenet5_teacher, mnist, **TINY)
+    assert "bn_loss_unavailable" in result.flags
+
+
+def test_generator_optimizer_reset_flag(lenet5_bn_teacher, mnist, monkeypatch) -> None:
+    made = []
+    make = CPSC._g_optimizer
+
+    def spy(generator, hp):
+        made.append(1)
+        return make(generator, hp)
+
+    monkeypatch.setattr(CPSC, "_g_optimizer", staticmethod(spy))
+    _run(lenet5_bn_teacher, mnist, **TINY)
+    persistent = len(made)
+    made.clear()
+    _run(lenet5_bn_teacher, mnist, **TINY, g_opt_reset_each_step=True)
+    assert persistent == 1 and len(made) == 1 + TINY["g_steps"]
+
+
+def test_short_mnist_run_learns(lenet5_bn_teacher, mnist) -> None:
+    result = _run(lenet5_bn_teacher, mnist, iterations=30, batch_size=64, ngf=8, lr_s=0.05, warmup=3, eval_every=30)
+    assert result.test_accuracy > 0.3  # chance is 0.1; ≈ 0.53 measured
+
+
+def test_generator_produces_requested_classes(lenet5_bn_teacher, mnist) -> None:
+    # ≈ 100 G steps against a fixed (lr_s = 0) student: CCBN's class embeddings must carry the label
+    spy = MetricSpy()
+    _run(lenet5_bn_teacher, mnist, callbacks=[spy], iterations=17, batch_size=32, ngf=8, s_steps=1, lr_s=0.0,
+         lr_g=0.01, eval_every=17)
+    assert spy.metrics["generator/label_agreement"] > 0.3  # chance is 0.1; ≈ 0.46 measured
