@@ -90,18 +90,20 @@ def _run(teacher, mnist, callbacks=(), **overrides):
 
 
 def test_short_mnist_run_learns(lenet5_teacher, mnist) -> None:
-    result = _run(lenet5_teacher, mnist, iterations=60, batch_size=64, ngf=8, lr_s=0.05, lr_g=0.01, eval_every=60)
-    assert result.test_accuracy > 0.3  # chance is 0.1; ≈ 0.65 measured
+    # quick profile (ngf 16, B 128) for 60 iterations: test 0.65 / 0.69 / 0.62 over seeds 0-2 (2-epoch teacher,
+    # idle 2-core CPU, ≈ 25 s); the former ngf 8, B 64, lr_s 0.05 variant swung between 0.10 and 0.35
+    result = _run(lenet5_teacher, mnist, iterations=60, eval_every=60)
+    assert result.test_accuracy > 0.4  # chance is 0.1
     assert result.artifacts["samples"].dtype == torch.uint8
     assert not result.flags  # λ_bn = 0: no BN term, nothing to flag with LeNet-5
 
 
 def test_generator_produces_requested_classes(lenet5_teacher, mnist) -> None:
-    # 100 G steps against a fixed (lr_s = 0) student: CCBN's class embeddings must carry the label
+    # 100 G steps (quick size: ngf 16, B 128) against a fixed (lr_s = 0) student: CCBN's class embeddings
+    # must carry the label.  Agreement 0.81 / 0.64 / 0.82 over seeds 0-2 (≈ 18 s); ngf 8, B 32 gave 0.28-0.38.
     spy = MetricSpy()
-    _run(lenet5_teacher, mnist, callbacks=[spy], iterations=100, batch_size=32, ngf=8, s_steps=1, lr_s=0.0,
-         lr_g=0.01, eval_every=100)
-    assert spy.metrics["generator/label_agreement"] > 0.3  # chance is 0.1; ≈ 0.42 measured
+    _run(lenet5_teacher, mnist, callbacks=[spy], iterations=100, s_steps=1, lr_s=0.0, lr_g=0.01, eval_every=100)
+    assert spy.metrics["generator/label_agreement"] > 0.4  # chance is 0.1
 
 
 def test_bn_prior_is_flagged_without_teacher_bn(lenet5_teacher, mnist) -> None:

@@ -204,17 +204,17 @@ def test_generator_optimizer_reset_flag(lenet5_bn_teacher, mnist, monkeypatch) -
     assert persistent == 1 and len(made) == 1 + TINY["g_steps"]
 
 
-@pytest.mark.xfail(reason="failed in the final full-suite run of session 1 (accuracy <= 0.3 after 30 iterations; "
-                          "the implementer measured ~0.53 alone): the 30-iteration run is too short to be stable. "
-                          "Issue 7 stays open until a longer, stable check replaces it.", strict=False)
 def test_short_mnist_run_learns(lenet5_bn_teacher, mnist) -> None:
-    result = _run(lenet5_bn_teacher, mnist, iterations=30, batch_size=64, ngf=8, lr_s=0.05, warmup=3, eval_every=30)
-    assert result.test_accuracy > 0.3  # chance is 0.1; ≈ 0.53 measured
+    # quick profile (ngf 16, B 128) for 40 iterations at lr_s 0.03: test 0.69 / 0.89 / 0.78 over seeds 0-2,
+    # 0.37-0.65 at the quick profile's 0.01 (2-epoch teacher, idle 2-core CPU, ≈ 40 s)
+    result = _run(lenet5_bn_teacher, mnist, iterations=40, lr_s=0.03, warmup=4, eval_every=40)
+    assert result.test_accuracy > 0.4  # chance is 0.1
 
 
 def test_generator_produces_requested_classes(lenet5_bn_teacher, mnist) -> None:
-    # ≈ 100 G steps against a fixed (lr_s = 0) student: CCBN's class embeddings must carry the label
+    # ≈ 200 G steps against a fixed (lr_s = 0) student: CCBN's class embeddings must carry the label.
+    # Agreement 0.50 / 0.46 / 0.46 over seeds 0-2 (≈ 8 s); 17 iterations gave 0.36-0.39.
     spy = MetricSpy()
-    _run(lenet5_bn_teacher, mnist, callbacks=[spy], iterations=17, batch_size=32, ngf=8, s_steps=1, lr_s=0.0,
-         lr_g=0.01, eval_every=17)
-    assert spy.metrics["generator/label_agreement"] > 0.3  # chance is 0.1; ≈ 0.46 measured
+    _run(lenet5_bn_teacher, mnist, callbacks=[spy], iterations=34, batch_size=32, ngf=8, s_steps=1, lr_s=0.0,
+         lr_g=0.01, eval_every=34)
+    assert spy.metrics["generator/label_agreement"] > 0.3  # chance is 0.1

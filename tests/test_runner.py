@@ -136,7 +136,7 @@ GOOD = {"name": "g", "datasets": ["mnist"], "methods": ["kd-real"]}
     [
         ({"nmae": "x"}, "unknown key 'nmae' at top level; allowed: name, description, profile"),
         ({"name": "bad name"}, "bad name 'bad name'; allowed: letters, digits"),
-        ({"methods": ["dfax"]}, "methods[0].name: unknown method 'dfax'; allowed: all, kd-collected, kd-real"),
+        ({"methods": ["dfax"]}, "methods[0].name: unknown method 'dfax'; allowed: all, " + ", ".join(method_names())),
         ({"methods": [{"name": "kd-real", "lr": 1}]}, "unknown key 'lr' at a method; allowed: name, profile, overrides"),
         ({"methods": [{"name": "kd-real", "overrides": {"lrr": 1}}]},
          "methods[0].overrides: unknown hyperparameter 'lrr' for method 'kd-real'; allowed: batch_size"),
