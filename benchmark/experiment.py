@@ -12,10 +12,16 @@ from typing import Any
 
 import torch
 
-from methods.core.api import Budget, DistillResult, TaskData, check_budget, distill, seed_everything
+from methods.core.api import (
+    Budget,
+    DistillResult,
+    TaskData,
+    check_budget,
+    check_collected_policy,
+    distill,
+    seed_everything,
+)
 from methods.core.context import Callback
-from methods.core.errors import BudgetError
-from methods.core.method import CollectedUse
 from methods.core.registry import get_method
 
 from . import zoo
@@ -63,13 +69,7 @@ def check(spec: RunSpec) -> None:
     for arch in (spec.teacher, spec.student):
         zoo.check_arch(arch)
     cls.resolve_hparams(spec.profile, spec.dataset, spec.overrides_dict)
-    if cls.collected_use is CollectedUse.NONE and spec.budget.collected > 0:
-        raise BudgetError(
-            f"method {spec.method!r} is data-free and takes no collected examples; "
-            f"got collected={spec.budget.collected}, allowed: 0"
-        )
-    if cls.collected_use is CollectedUse.REQUIRED and spec.budget.collected == 0:
-        raise BudgetError(f"method {spec.method!r} needs collected examples; got collected=0, allowed: an integer > 0")
+    check_collected_policy(spec.method, spec.budget.collected)
 
 
 def execute(

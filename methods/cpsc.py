@@ -148,6 +148,8 @@ class CPSC(Method):
         "lr_schedule=released, adapter_renorm=false reproduce it. SCL adapter frozen random MLP [ours]."
     )
     Hparams = CPSCHparams
+    # L_BN needs a teacher with BatchNorm; the zoo's LeNet-5-BN is the MNIST teacher (spec §2.1, ours).
+    default_pairs = {"mnist": ("lenet5-bn", "lenet5-half"), "fashion-mnist": ("lenet5-bn", "lenet5-half")}
     search_space = {
         "alpha": FloatDistribution(0.1, 10.0, log=True),
         "beta": FloatDistribution(0.1, 10.0, log=True),

@@ -231,7 +231,7 @@ def test_default_grid_dry_run_lists_every_method_and_the_budgets_that_fit(tmp_pa
     assert all(s["reason"] for s in out["skipped"])
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "queue.db").exists()  # a dry run writes nothing
     text = CliRunner().invoke(main, ["run", "--grid", "--dry-run", "--results", str(tmp_path)]).output
-    assert "skipped:" in text and "kd-real mnist lenet5-bn->lenet5-half c100 s0: method 'kd-real' is data-free" in text
+    assert "skipped:" in text and "kd-real mnist lenet5-bn->lenet5-half c100 s0: method 'kd-real' trains on the labelled training set" in text
     assert "teacher mnist/lenet5 is not cached: it will be trained first" in text
 
 

@@ -122,16 +122,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_budget(method: str, budget: Budget, data: TaskData) -> None:
-    """Reject a budget the method does not accept or the pool cannot fill (one-line errors)."""
+def check_collected_policy(method: str, collected: int) -> None:
+    """Reject a collected count the method's declared policy (none / optional / required) does not accept."""
     cls = get_method(method)
     use = cls.collected_use
-    if use is CollectedUse.NONE and budget.collected > 0:
+    if use is CollectedUse.NONE and collected > 0:
+        what = "trains on the labelled training set" if cls.uses_labelled_train else "is data-free"
         raise BudgetError(
-            f"method {method!r} is data-free and takes no collected examples; got collected={budget.collected}, allowed: 0"
+            f"method {method!r} {what} and takes no collected examples; got collected={collected}, allowed: 0"
         )
-    if use is CollectedUse.REQUIRED and budget.collected == 0:
+    if use is CollectedUse.REQUIRED and collected == 0:
         raise BudgetError(f"method {method!r} needs collected examples; got collected=0, allowed: an integer > 0")
+
+
+def check_budget(method: str, budget: Budget, data: TaskData) -> None:
+    """Reject a budget the method does not accept or the pool cannot fill (one-line errors)."""
+    check_collected_policy(method, budget.collected)
     if budget.collected > 0:
         if data.collector is None:
             raise BudgetError(f"dataset {data.dataset!r} has no pool to collect examples from")
