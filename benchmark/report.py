@@ -89,7 +89,7 @@ def _number(value: Any) -> float | None:
 
 # ----------------------------------------------------------------------------- tables
 def summarize(frame: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFrame:
-    """Long form: one row per (method, dataset, pair, budget) with mean, std and n (accuracies in %)."""
+    """Long form: one row per (method, dataset, pair, budget) with mean, sample std (NaN for one run) and n (in %)."""
     column = f"metrics.{metric}"
     if column not in frame.columns or frame[column].notna().sum() == 0:
         raise DfkdError(f"no run has metric {metric!r}; allowed: "
@@ -99,12 +99,10 @@ def summarize(frame: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFram
     data["budget"] = data["tags.budget"].astype(int)
     keys = ["tags.method", "tags.dataset", "tags.pair", "budget"]
     grouped = data.groupby(keys)["value"].agg(["mean", "std", "count"]).reset_index()
-    grouped["std"] = grouped["std"].fillna(0.0)
     teacher_col = "metrics.teacher_accuracy"
     if teacher_col in data.columns and data[teacher_col].notna().any():
         data["teacher"] = 100 * data[teacher_col].astype(float)
         teacher = data.groupby(keys[1:])["teacher"].agg(["mean", "std", "count"]).reset_index()
-        teacher["std"] = teacher["std"].fillna(0.0)
         teacher.insert(0, "tags.method", "teacher")
         grouped = pd.concat([teacher, grouped], ignore_index=True)
     grouped = grouped.rename(columns={"tags.method": "method", "tags.dataset": "dataset", "tags.pair": "pair",
@@ -118,7 +116,9 @@ def wide(long: pd.DataFrame) -> pd.DataFrame:
     long = long.copy()
     long["column"] = [f"{d} {p} c={b}" if pairs[d] > 1 else f"{d} c={b}"
                       for d, p, b in zip(long["dataset"], long["pair"], long["budget"], strict=True)]
-    long["cell"] = [f"{m:.2f} ± {s:.2f} ({n})" for m, s, n in zip(long["mean"], long["std"], long["n"], strict=True)]
+    # one run has no spread: show its value alone rather than a made-up "± 0.00"
+    long["cell"] = [f"{m:.2f} ± {s:.2f} ({n})" if n > 1 else f"{m:.2f} ({n})"
+                    for m, s, n in zip(long["mean"], long["std"], long["n"], strict=True)]
     order = list(dict.fromkeys(long.sort_values(["dataset", "pair", "budget"])["column"]))
     methods = list(dict.fromkeys(["teacher", *sorted(set(long["method"]) - {"teacher"})]))
     table = long.pivot_table(index="method", columns="column", values="cell", aggfunc="first")
