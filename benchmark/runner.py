@@ -40,6 +40,7 @@ from methods.core.context import BaseCallback
 from methods.core.errors import DfkdError
 
 from . import tracking
+from .cpu_tuning import tune_malloc
 from .data import load_task
 from .experiment import load_data
 from .grid import Cell, Plan
@@ -250,6 +251,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def worker_process(config: RunnerConfig, index: int) -> None:
     """Entry point of a worker process (``--workers N``)."""
+    tune_malloc()  # a spawned process starts with glibc's defaults (see benchmark.cpu_tuning)
     signal.signal(signal.SIGTERM, _on_sigterm)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     if config.threads:

@@ -11,9 +11,10 @@ otherwise).  Validation runs only after the last iteration, outside the timed wi
 first ``--warmup`` iterations (allocation, ``torch.compile``) are not timed either.
 
 Variants (``--compare``, comma-separated; each a ``+``-joined list of ``key=value``, or ``base``):
-``amp=auto|off|bf16``; ``threads=N`` (torch intra-op threads); ``malloc=tuned`` (glibc's
-``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2**36``, spec §6); ``env.NAME=VALUE``; any other key
-is a hyperparameter override of the method (as ``--set``).  Every measurement runs in a fresh
+``amp=auto|off|bf16``; ``threads=N`` (torch intra-op threads); ``malloc=tuned|default|env``
+(``tuned``, the default as in ``dfkd-bench``: :func:`benchmark.cpu_tuning.tune_malloc`; ``default``:
+glibc as shipped; ``env``: glibc's ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2**36``, spec §6);
+``env.NAME=VALUE``; any other key is a hyperparameter override of the method (as ``--set``).  Every measurement runs in a fresh
 process, and variants are interleaved round by round, so that on a shared machine each ratio
 compares runs made at nearly the same time: ratios are the median over rounds of the per-round
 ratio to the first variant.
@@ -33,7 +34,12 @@ import click
 import torch
 from torch import nn
 
-MALLOC_TUNED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36)}
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36)}
+MALLOC_VARIANTS = {
+    "tuned": {"DFKD_MALLOC": "tuned"},
+    "default": {"DFKD_MALLOC": "default"},
+    "env": {"DFKD_MALLOC": "default", **MALLOC_ENV},
+}
 SYNTHETIC_IMAGES = 512  # val/test/train-pool size of the synthetic task (timing needs no real data)
 
 
@@ -133,9 +139,11 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     from methods.core.registry import get_method
 
     from . import zoo
+    from .cpu_tuning import tune_malloc
     from .data import get_spec
     from .teachers import load_teacher, teacher_dir
 
+    tune_malloc()  # as dfkd-bench does
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     device = resolve_device(job["device"])
@@ -182,12 +190,11 @@ def _job(base: dict[str, Any], settings: dict[str, str]) -> tuple[dict[str, Any]
         elif key == "threads":
             job["threads"] = int(value)
         elif key == "malloc":
-            if value == "tuned":
-                env.update(MALLOC_TUNED)
-            elif value != "default":
+            if value not in MALLOC_VARIANTS:
                 from methods.core.errors import DfkdError
 
-                raise DfkdError(f"bad malloc={value!r}; allowed: default, tuned")
+                raise DfkdError(f"bad malloc={value!r}; allowed: {', '.join(MALLOC_VARIANTS)}")
+            env.update(MALLOC_VARIANTS[value])
         elif key.startswith("env."):
             env[key[4:]] = value
         else:

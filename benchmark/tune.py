@@ -35,6 +35,7 @@ from methods.core.errors import DfkdError
 from methods.core.registry import get_method
 
 from . import tracking
+from .cpu_tuning import tune_malloc
 from .experiment import RunSpec, check, load_data
 from .grid import make_cell
 from .settings import Settings
@@ -250,6 +251,7 @@ def _fmt(values: Mapping[str, Any]) -> str:
 
 def tune_process(config: TuneConfig, limit: int) -> None:
     """Entry point of a ``--workers N`` process (``limit``: its share of the missing trials)."""
+    tune_malloc()  # a spawned process starts with glibc's defaults (see benchmark.cpu_tuning)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -13,6 +13,7 @@ import click
 from methods.core.api import resolve_device
 from methods.core.errors import DfkdError
 
+from ..cpu_tuning import tune_malloc
 from ..settings import make_settings
 
 
@@ -36,6 +37,7 @@ class BenchGroup(click.Group):
 @click.version_option(package_name="dfkd-bench")
 def main() -> None:
     """dfkd-bench: a benchmark suite for data-free knowledge distillation."""
+    tune_malloc()  # speed only (see benchmark.cpu_tuning); DFKD_MALLOC=default turns it off
 
 
 def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
