@@ -48,6 +48,10 @@ class RunSpec:
     def overrides_dict(self) -> dict[str, Any]:
         return dict(self.overrides)
 
+    def identity(self) -> dict[str, Any]:
+        """Method, dataset, teacher, student, profile, seed and amp: the plain fields that name a run."""
+        return {name: getattr(self, name) for name in ("method", "dataset", "teacher", "student", "profile", "seed", "amp")}
+
 
 def validate(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     """Check every value of ``spec`` without side effects; returns the teacher's manifest.

@@ -173,13 +173,7 @@ class Cell:
         s = self.spec
         return {
             "cell_id": self.cell_id,
-            "method": s.method,
-            "dataset": s.dataset,
-            "teacher": s.teacher,
-            "student": s.student,
-            "profile": s.profile,
-            "seed": s.seed,
-            "amp": s.amp,
+            **s.identity(),
             "budget": _jsonable(dataclasses.asdict(s.budget)),
             "overrides": _jsonable(dict(s.overrides)),
             "hparams": _jsonable(self.hparams),

@@ -152,16 +152,11 @@ def _param_value(value: Any) -> str:
 
 
 def cell_params(cell: Cell, manifest: dict[str, Any], version: str) -> dict[str, str]:
+    """A cell's MLflow params: ``hp.<name>`` for every resolved hyperparameter, its identity, budget and teacher."""
     s = cell.spec
     params: dict[str, Any] = {f"hp.{k}": v for k, v in cell.hparams.items()}
     params.update({
-        "method": s.method,
-        "dataset": s.dataset,
-        "teacher": s.teacher,
-        "student": s.student,
-        "profile": s.profile,
-        "seed": s.seed,
-        "amp": s.amp,
+        **s.identity(),
         "budget.collected": s.budget.collected,
         "budget.source": cell.source,
         "budget.balanced": s.budget.balanced,
