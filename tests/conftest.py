@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmark import zoo
 from benchmark.data import load_task
 from benchmark.teachers import default_recipe, load_teacher, timed_train
-from methods import TaskData
+from methods import Budget, DistillResult, TaskData, distill
+from methods.core.context import BaseCallback
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -20,6 +22,15 @@ def _data_root() -> Path:
     if not (root / "MNIST" / "raw").is_dir():
         pytest.fail(f"MNIST not found under {root}; set DFKD_DATA to the folder holding MNIST/raw")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny runs (use with ``pytestmark = usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +62,32 @@ def lenet5_teacher(results_dir: Path) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def lenet5_bn_teacher(results_dir: Path) -> torch.nn.Module:
     return load_teacher(results_dir, "mnist", "lenet5-bn")[0]
+
+
+class MetricSpy(BaseCallback):
+    """Keeps the last value of every metric a method logs (e.g. ``generator/label_agreement``)."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.metrics.update(metrics)
+
+
+@pytest.fixture
+def metric_spy() -> MetricSpy:
+    return MetricSpy()
+
+
+@pytest.fixture(scope="session")
+def data_free_run(mnist: TaskData):
+    """``run(method, teacher, callbacks=(), **overrides)``: a data-free quick-profile MNIST run into a fresh
+    LeNet-5-half, seed 0, on the CPU."""
+
+    def run(method: str, teacher: torch.nn.Module, callbacks=(), **overrides) -> DistillResult:
+        torch.manual_seed(0)
+        student = zoo.build("lenet5-half", 10, 1)
+        return distill(teacher, student, Budget(), method=method, data=mnist, profile="quick",
+                       overrides=overrides, seed=0, device="cpu", callbacks=callbacks)
+
+    return run

@@ -81,8 +81,10 @@ def test_collected_examples_come_without_labels_and_budget_is_enforced(toy, mnis
 
 
 def test_policy_none_and_required(mnist, lenet5_teacher):
-    with pytest.raises(BudgetError, match="data-free.*collected=5, allowed: 0"):
+    with pytest.raises(BudgetError, match="'kd-real' trains on the labelled training set.*collected=5, allowed: 0"):
         distill(lenet5_teacher, _student(), Budget(collected=5), method="kd-real", data=mnist)
+    with pytest.raises(BudgetError, match="'dfad' is data-free and takes no collected examples; got collected=5"):
+        distill(lenet5_teacher, _student(), Budget(collected=5), method="dfad", data=mnist)
     with pytest.raises(BudgetError, match="needs collected examples"):
         distill(lenet5_teacher, _student(), Budget(), method="kd-collected", data=mnist)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmark import zoo
-from methods import BaseCallback, Budget, cgdd, distill, get_method
+from methods import cgdd, get_method
 from methods.cgdd import CGDDHparams, generator_loss, student_loss
 from methods.core.attention import at_loss, at_pairs, at_pairs_loss, attention_map
 
@@ -74,44 +74,28 @@ def test_reconstruction_is_marked() -> None:
 
 
 # ----------------------------------------------------------------------------- method runs
-class MetricSpy(BaseCallback):
-    def __init__(self) -> None:
-        self.metrics: dict[str, float] = {}
-
-    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self.metrics.update(metrics)
-
-
-def _run(teacher, mnist, callbacks=(), **overrides):
-    torch.manual_seed(0)
-    student = zoo.build("lenet5-half", 10, 1)
-    return distill(teacher, student, Budget(), method="cgdd", data=mnist, profile="quick",
-                   overrides=overrides, seed=0, device="cpu", callbacks=callbacks)
-
-
-def test_short_mnist_run_learns(lenet5_teacher, mnist) -> None:
+def test_short_mnist_run_learns(lenet5_teacher, data_free_run) -> None:
     # quick profile (ngf 16, B 128) for 60 iterations: test 0.65 / 0.69 / 0.62 over seeds 0-2 (2-epoch teacher,
     # idle 2-core CPU, ≈ 25 s); the former ngf 8, B 64, lr_s 0.05 variant swung between 0.10 and 0.35
-    result = _run(lenet5_teacher, mnist, iterations=60, eval_every=60)
+    result = data_free_run("cgdd", lenet5_teacher, iterations=60, eval_every=60)
     assert result.test_accuracy > 0.4  # chance is 0.1
     assert result.artifacts["samples"].dtype == torch.uint8
     assert not result.flags  # λ_bn = 0: no BN term, nothing to flag with LeNet-5
 
 
-def test_generator_produces_requested_classes(lenet5_teacher, mnist) -> None:
+def test_generator_produces_requested_classes(lenet5_teacher, data_free_run, metric_spy) -> None:
     # 100 G steps (quick size: ngf 16, B 128) against a fixed (lr_s = 0) student: CCBN's class embeddings
     # must carry the label.  Agreement 0.81 / 0.64 / 0.82 over seeds 0-2 (≈ 18 s); ngf 8, B 32 gave 0.28-0.38.
-    spy = MetricSpy()
-    _run(lenet5_teacher, mnist, callbacks=[spy], iterations=100, s_steps=1, lr_s=0.0, lr_g=0.01, eval_every=100)
-    assert spy.metrics["generator/label_agreement"] > 0.4  # chance is 0.1
+    data_free_run("cgdd", lenet5_teacher, callbacks=[metric_spy], iterations=100, s_steps=1, lr_s=0.0, lr_g=0.01, eval_every=100)
+    assert metric_spy.metrics["generator/label_agreement"] > 0.4  # chance is 0.1
 
 
-def test_bn_prior_is_flagged_without_teacher_bn(lenet5_teacher, mnist) -> None:
-    result = _run(lenet5_teacher, mnist, iterations=1, batch_size=8, ngf=4, s_steps=1, lambda_bn=1.0, eval_every=1)
+def test_bn_prior_is_flagged_without_teacher_bn(lenet5_teacher, data_free_run) -> None:
+    result = data_free_run("cgdd", lenet5_teacher, iterations=1, batch_size=8, ngf=4, s_steps=1, lambda_bn=1.0, eval_every=1)
     assert "bn_loss_unavailable" in result.flags
 
 
-def test_update_order_is_k_student_steps_then_one_generator_step(lenet5_teacher, mnist, monkeypatch) -> None:
+def test_update_order_is_k_student_steps_then_one_generator_step(lenet5_teacher, monkeypatch, data_free_run) -> None:
     from methods.cgdd import CGDD
 
     order: list[str] = []
@@ -123,6 +107,6 @@ def test_update_order_is_k_student_steps_then_one_generator_step(lenet5_teacher,
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(CGDD, name, staticmethod(spy))
-    result = _run(lenet5_teacher, mnist, iterations=2, batch_size=8, ngf=4, eval_every=2)
+    result = data_free_run("cgdd", lenet5_teacher, iterations=2, batch_size=8, ngf=4, eval_every=2)
     assert order == (["S"] * 5 + ["G"]) * 2
     assert result.teacher_images == 2 * 6 * 8  # one teacher forward per step

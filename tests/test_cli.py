@@ -57,7 +57,7 @@ BAD = [
     (["--dataset", "mnistx"], "unknown dataset 'mnistx'; allowed:"),
     (["--student", "lenet9"], "unknown arch 'lenet9'; allowed:"),
     (["--collected", "70000"], "collected budget 70000 exceeds the 54000 examples"),
-    (["--method", "kd-real"], "data-free and takes no collected examples"),
+    (["--method", "kd-real"], "trains on the labelled training set and takes no collected examples"),
     (["--set", "nope=1"], "unknown hyperparameter 'nope'"),
     (["--set", "lr=fast"], "bad value 'fast' for 'lr'; expected a number"),
     (["--set", "iterations=1.5"], "expected an integer"),

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from benchmark import zoo
-from methods import BaseCallback, Budget, distill, get_method
+from methods import get_method
 from methods.core.contrastive import FrozenAdapter, supcon_loss, two_view_supcon
 from methods.core.hooks import BNStatisticsLoss
 from methods.core.schedules import scheduler
@@ -125,25 +125,10 @@ def test_released_code_flags_change_behaviour() -> None:
 
 
 # ----------------------------------------------------------------------------- method runs
-class MetricSpy(BaseCallback):
-    def __init__(self) -> None:
-        self.metrics: dict[str, float] = {}
-
-    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self.metrics.update(metrics)
-
-
-def _run(teacher, mnist, callbacks=(), **overrides):
-    torch.manual_seed(0)
-    student = zoo.build("lenet5-half", 10, 1)
-    return distill(teacher, student, Budget(), method="cpsc", data=mnist, profile="quick",
-                   overrides=overrides, seed=0, device="cpu", callbacks=callbacks)
-
-
 TINY = {"iterations": 1, "batch_size": 8, "ngf": 4, "g_steps": 2, "s_steps": 1, "eval_every": 1}
 
 
-def test_hooks_are_on_in_generator_steps_and_off_in_student_steps(lenet5_bn_teacher, mnist, monkeypatch) -> None:
+def test_hooks_are_on_in_generator_steps_and_off_in_student_steps(lenet5_bn_teacher, monkeypatch, data_free_run) -> None:
     seen = {"s": 0, "g_terms": 0}
     student_step = CPSC._student_step
     bn_loss = BNStatisticsLoss.loss
@@ -159,7 +144,7 @@ def test_hooks_are_on_in_generator_steps_and_off_in_student_steps(lenet5_bn_teac
 
     monkeypatch.setattr(CPSC, "_student_step", staticmethod(spy_student))
     monkeypatch.setattr(BNStatisticsLoss, "loss", spy_loss)
-    result = _run(lenet5_bn_teacher, mnist, **TINY)
+    result = data_free_run("cpsc", lenet5_bn_teacher, **TINY)
     assert seen["s"] == 1 and seen["g_terms"] == 2 * 3  # 2 G steps × 3 BN layers
     assert all(not layer._forward_hooks for layer in lenet5_bn_teacher.bn_layers())
     assert "bn_loss_unavailable" not in result.flags
@@ -167,7 +152,7 @@ def test_hooks_are_on_in_generator_steps_and_off_in_student_steps(lenet5_bn_teac
     assert result.artifacts["samples"].shape[1] == 10 * 34 + 2  # one 32-px row (+2 padding) per class
 
 
-def test_update_order_is_g_steps_then_s_steps(lenet5_bn_teacher, mnist, monkeypatch) -> None:
+def test_update_order_is_g_steps_then_s_steps(lenet5_bn_teacher, monkeypatch, data_free_run) -> None:
     order: list[str] = []
     for name, tag in (("_student_step", "S"), ("_generator_step", "G")):
         original = getattr(CPSC, name)
@@ -177,18 +162,18 @@ def test_update_order_is_g_steps_then_s_steps(lenet5_bn_teacher, mnist, monkeypa
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(CPSC, name, staticmethod(spy))
-    result = _run(lenet5_bn_teacher, mnist, iterations=2, batch_size=8, ngf=4, eval_every=2)
+    result = data_free_run("cpsc", lenet5_bn_teacher, iterations=2, batch_size=8, ngf=4, eval_every=2)
     assert order == (["G"] * 6 + ["S"] * 5) * 2
     assert result.teacher_images == 2 * 11 * 8  # one teacher forward per step
 
 
-def test_teacher_without_bn_is_flagged(lenet5_teacher, mnist) -> None:
+def test_teacher_without_bn_is_flagged(lenet5_teacher, data_free_run) -> None:
     assert "lenet5-bn" in get_method("cpsc").notes
-    result = _run(lenet5_teacher, mnist, **TINY)
+    result = data_free_run("cpsc", lenet5_teacher, **TINY)
     assert "bn_loss_unavailable" in result.flags
 
 
-def test_generator_optimizer_reset_flag(lenet5_bn_teacher, mnist, monkeypatch) -> None:
+def test_generator_optimizer_reset_flag(lenet5_bn_teacher, monkeypatch, data_free_run) -> None:
     made = []
     make = CPSC._g_optimizer
 
@@ -197,24 +182,23 @@ def test_generator_optimizer_reset_flag(lenet5_bn_teacher, mnist, monkeypatch) -
         return make(generator, hp)
 
     monkeypatch.setattr(CPSC, "_g_optimizer", staticmethod(spy))
-    _run(lenet5_bn_teacher, mnist, **TINY)
+    data_free_run("cpsc", lenet5_bn_teacher, **TINY)
     persistent = len(made)
     made.clear()
-    _run(lenet5_bn_teacher, mnist, **TINY, g_opt_reset_each_step=True)
+    data_free_run("cpsc", lenet5_bn_teacher, **TINY, g_opt_reset_each_step=True)
     assert persistent == 1 and len(made) == 1 + TINY["g_steps"]
 
 
-def test_short_mnist_run_learns(lenet5_bn_teacher, mnist) -> None:
+def test_short_mnist_run_learns(lenet5_bn_teacher, data_free_run) -> None:
     # quick profile (ngf 16, B 128) for 40 iterations at lr_s 0.03: test 0.69 / 0.89 / 0.78 over seeds 0-2,
     # 0.37-0.65 at the quick profile's 0.01 (2-epoch teacher, idle 2-core CPU, ≈ 40 s)
-    result = _run(lenet5_bn_teacher, mnist, iterations=40, lr_s=0.03, warmup=4, eval_every=40)
+    result = data_free_run("cpsc", lenet5_bn_teacher, iterations=40, lr_s=0.03, warmup=4, eval_every=40)
     assert result.test_accuracy > 0.4  # chance is 0.1
 
 
-def test_generator_produces_requested_classes(lenet5_bn_teacher, mnist) -> None:
+def test_generator_produces_requested_classes(lenet5_bn_teacher, data_free_run, metric_spy) -> None:
     # ≈ 200 G steps against a fixed (lr_s = 0) student: CCBN's class embeddings must carry the label.
     # Agreement 0.50 / 0.46 / 0.46 over seeds 0-2 (≈ 8 s); 17 iterations gave 0.36-0.39.
-    spy = MetricSpy()
-    _run(lenet5_bn_teacher, mnist, callbacks=[spy], iterations=34, batch_size=32, ngf=8, s_steps=1, lr_s=0.0,
+    data_free_run("cpsc", lenet5_bn_teacher, callbacks=[metric_spy], iterations=34, batch_size=32, ngf=8, s_steps=1, lr_s=0.0,
          lr_g=0.01, eval_every=34)
-    assert spy.metrics["generator/label_agreement"] > 0.3  # chance is 0.1
+    assert metric_spy.metrics["generator/label_agreement"] > 0.3  # chance is 0.1

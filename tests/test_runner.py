@@ -34,13 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the runs here are tiny and the test machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +193,7 @@ def test_cells_resolve_overrides_pairs_and_skips() -> None:
     assert first.hparams["lr"] == 0.02 and first.hparams["objective"] == "kd" and first.hparams["iterations"] == 30
     assert plan.cells[-1].hparams["iterations"] == 7
     assert [s.label for s in plan.skipped] == ["kd-real mnist lenet5-bn->lenet5 c100 s0", "kd-real mnist lenet5-bn->lenet5 c100 s1"]
-    assert "data-free and takes no collected examples" in plan.skipped[0].reason
+    assert "trains on the labelled training set and takes no collected examples" in plan.skipped[0].reason
     # Ids are stable, unique, survive the queue's round trip, and follow the resolved configuration.
     assert [c.cell_id for c in expand(grid).cells] == [c.cell_id for c in plan.cells]
     assert len({c.cell_id for c in plan.cells}) == len(plan.cells)

@@ -22,13 +22,7 @@ from benchmark.tune import TuneConfig, default_tune_storage, tune
 from methods import CollectedUse, CommonHparams, DistillContext, Method, get_method
 from methods.core import registry
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
