@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 RUN_KINDS = ("cell", "trial")
 COLLECTED = "collected"
 FIGURE2 = ("lambda_d", "lambda_g", "inflation", COLLECTED)
-LABELS = {"lambda_d": "λ_d (weight of the discriminator loss)", "lambda_g": "λ_g (weight of the generator loss)",
-          "inflation": "inflation factor", COLLECTED: "collected examples (count)"}
+LABELS = {"lambda_d": "λ_d (feature-integration weight in D's loss)", "lambda_g": "λ_g (frequency-smoothing weight in G's loss)",
+          "inflation": "inflation factor N (copies of each collected image)", COLLECTED: "collected examples (count)"}
 METRIC_LABELS = {"test_accuracy": "test accuracy (%)", "best_val_test_accuracy": "test accuracy at best val (%)",
                  "best_val_accuracy": "best validation accuracy (%)", "val_accuracy": "validation accuracy (%)"}
 
