@@ -204,7 +204,12 @@ def timed_train(
     results: Path, dataset: str, arch: str, data: TaskData, recipe: TeacherRecipe, seed: int, device: torch.device,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
-    """Build, train, evaluate and cache a teacher; returns its manifest."""
+    """Build, train, evaluate and cache a teacher; returns its manifest.
+
+    The seed fixes the initial weights too: the model is built after seeding, not from whatever
+    state earlier work in the process left the RNG in.
+    """
+    seed_everything(seed)
     model = zoo.build(arch, data.num_classes, data.channels)
     start = time.perf_counter()
     scores = train_teacher(model, data, recipe, seed, device, on_epoch)
