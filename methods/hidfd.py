@@ -31,9 +31,10 @@ from torchvision.utils import make_grid
 
 from .core.biggan import BigGANDiscriminator, BigGANGenerator, EmaGenerator
 from .core.context import DistillContext
-from .core.errors import DfkdError, NonFiniteLossError
+from .core.errors import DfkdError
 from .core.images import ImageSet
 from .core.losses import batch_mean_entropy_terms, cross_entropy
+from .core.meters import LossMeter
 from .core.method import CollectedUse, CommonHparams, Method
 from .core.registry import register
 from .core.schedules import Schedule
@@ -205,19 +206,7 @@ QUICK_MNIST = {
 }
 # The spec's §6 "HiDFD quick" row (~10 CPU minutes): ch 16, B 64, GAN 1,000 iterations, 5k synthetic,
 # 5,000 student steps, K 10; Adam 1e-3 and the EMA as in QUICK_MNIST.
-MEDIUM_MNIST = {
-    "iterations": 5_000,
-    "eval_every": 500,
-    "gan_iterations": 1_000,
-    "gan_batch_size": 64,
-    "gan_ch": 16,
-    "gan_lr": 1e-3,
-    "n_synth": 5_000,
-    "cfs_k": 10,
-    "ema_decay": 0.99,
-    "ema_start": 500,
-    "gan_log_every": 100,
-}
+MEDIUM_MNIST = {**QUICK_MNIST, "iterations": 5_000, "eval_every": 500, "gan_batch_size": 64, "gan_ch": 16}
 
 
 @register("hidfd")
@@ -307,12 +296,8 @@ def train_gan(ctx: DistillContext, hp: HiDFDHparams, real: ImageSet) -> torch.nn
     y_real_all, phi_real_all = teacher_targets(ctx, real)
     sampler = real.sampler(hp.gan_batch_size)
     B = hp.gan_batch_size
-    sums: dict[str, Tensor] = {}
+    meter = LossMeter()
     started = time.perf_counter()
-
-    def add(name: str, value: Tensor) -> None:
-        value = value.detach().float()
-        sums[name] = sums[name] + value if name in sums else value.clone()
 
     for it in range(1, hp.gan_iterations + 1):
         # (1) D step: B real pairs (no augmentation) and B fakes from G (only provides samples).
@@ -359,11 +344,9 @@ def train_gan(ctx: DistillContext, hp: HiDFDHparams, real: ImageSet) -> torch.nn
                             ("loss_g", loss_g), ("hinge_g", loss_hinge_g), ("adc_g", loss_adc_g), ("cfs", loss_cfs),
                             ("teacher_agrees", (t_logits.argmax(1) == y_f).float().mean()),
                             ("d_active", (out.h > 0).float().mean())):
-            add(name, value)
+            meter.add(name, value)
         if it % hp.gan_log_every == 0 or it == hp.gan_iterations:
-            count = hp.gan_log_every if it % hp.gan_log_every == 0 else it % hp.gan_log_every
-            log_gan(ctx, it, sums, count, cfs, started)
-            sums.clear()
+            log_gan(ctx, it, meter, cfs, started)
 
     if not hp.synth_use_ema:
         ctx.flag("synth_use_ema", "released behaviour: synthetic samples from G, not G_ema")
@@ -372,15 +355,11 @@ def train_gan(ctx: DistillContext, hp: HiDFDHparams, real: ImageSet) -> torch.nn
     return ema.model.eval()
 
 
-def log_gan(ctx: DistillContext, iteration: int, sums: dict[str, Tensor], count: int, cfs: FrequencySmoother,
-            started: float) -> None:
+def log_gan(ctx: DistillContext, iteration: int, meter: LossMeter, cfs: FrequencySmoother, started: float) -> None:
     """GAN-stage progress (one host sync per call): mean losses since the last call, CFS weight range."""
-    keys = list(sums)
-    values = torch.stack([sums[k] / count for k in keys] + [cfs.weights.min(), cfs.weights.max()]).tolist()
-    metrics = {f"gan/{k}": v for k, v in zip(keys + ["cfs_w_min", "cfs_w_max"], values, strict=True)}
-    for key, value in metrics.items():
-        if value != value or value in (float("inf"), float("-inf")):
-            raise NonFiniteLossError(f"{key} is {value} at GAN iteration {iteration}")
+    extra = {"cfs_w_min": cfs.weights.min(), "cfs_w_max": cfs.weights.max()}
+    values = meter.means(f"at GAN iteration {iteration}", extra, what="GAN value")
+    metrics: dict[str, float] = {f"gan/{k}": v for k, v in values.items()}
     metrics["gan/wall_seconds"] = time.perf_counter() - started
     ctx.log_metrics(iteration, metrics)
 

@@ -144,3 +144,18 @@ def test_non_finite_loss_is_reported(toy, mnist, lenet5_teacher, monkeypatch):
 def test_student_is_a_module(mnist, lenet5_teacher, toy):
     result = distill(lenet5_teacher, _student(), Budget(), method=toy, data=mnist)
     assert isinstance(result.student, nn.Module) and isinstance(result.best_predictor, nn.Module)
+
+
+def test_loss_meter_means_per_name_and_rejects_non_finite():
+    from methods import NonFiniteLossError
+    from methods.core.meters import LossMeter
+
+    meter = LossMeter()
+    for value in (1.0, 2.0, 6.0):
+        meter.add("a", torch.tensor(value))
+    meter.add("b", torch.tensor(4.0))
+    assert meter.means("at iteration 3", {"w": torch.tensor(0.5)}) == {"a": 3.0, "b": 4.0, "w": 0.5}
+    assert not meter  # reset after reporting
+    meter.add("c", torch.tensor(float("inf")))
+    with pytest.raises(NonFiniteLossError, match="GAN value 'c' is inf at GAN iteration 7"):
+        meter.means("at GAN iteration 7", what="GAN value")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,8 +16,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from .errors import BudgetError, NonFiniteLossError
+from .errors import BudgetError
 from .images import Augment, ImageSet, accuracy
+from .meters import LossMeter
 
 
 class Callback(Protocol):
@@ -117,8 +117,7 @@ class DistillContext:
     best_iteration: int = 0
     best_state: dict[str, Tensor] | None = None
     predictor: nn.Module | None = None
-    _loss_sums: dict[str, Tensor] = field(default_factory=dict)
-    _loss_counts: dict[str, int] = field(default_factory=dict)
+    _losses: LossMeter = field(default_factory=LossMeter)
     _last_eval: int = -1
     started: float = field(default_factory=time.perf_counter)
 
@@ -176,15 +175,8 @@ class DistillContext:
 
         ``iteration`` counts from 1.  Validation also runs at the last iteration.
         """
-        if losses:
-            for key, value in losses.items():
-                value = value.detach().float()
-                if key in self._loss_sums:
-                    self._loss_sums[key] += value
-                    self._loss_counts[key] += 1
-                else:
-                    self._loss_sums[key] = value.clone()
-                    self._loss_counts[key] = 1
+        for key, value in (losses or {}).items():
+            self._losses.add(key, value)
         for cb in self.callbacks:
             cb.on_progress(iteration, self.iterations)
         if iteration % self.eval_every == 0 or iteration == self.iterations:
@@ -197,15 +189,9 @@ class DistillContext:
         if iteration == self._last_eval:
             return self.history[-1].metrics
         metrics: dict[str, float] = {}
-        if self._loss_sums:
-            keys = list(self._loss_sums)
-            means = torch.stack([self._loss_sums[k] / self._loss_counts[k] for k in keys]).tolist()
-            for key, value in zip(keys, means):
-                if not math.isfinite(value):
-                    raise NonFiniteLossError(f"loss {key!r} is {value} at iteration {iteration}")
-                metrics[f"loss/{key}"] = value
-            self._loss_sums.clear()
-            self._loss_counts.clear()
+        if self._losses:
+            means = self._losses.means(f"at iteration {iteration}")
+            metrics.update({f"loss/{key}": value for key, value in means.items()})
         val_acc = accuracy(self.predictor, self.val)
         metrics["val_accuracy"] = val_acc
         if val_acc > self.best_val_accuracy:
