@@ -117,6 +117,8 @@ class DistillContext:
     best_iteration: int = 0
     best_state: dict[str, Tensor] | None = None
     predictor: nn.Module | None = None
+    networks: dict[str, list[nn.Module]] = field(default_factory=dict)
+    totals: dict[str, float] = field(default_factory=dict)
     _losses: LossMeter = field(default_factory=LossMeter)
     _last_eval: int = -1
     started: float = field(default_factory=time.perf_counter)
@@ -211,6 +213,23 @@ class DistillContext:
         floats = {k: float(v) for k, v in metrics.items()}
         for cb in self.callbacks:
             cb.on_metrics(step, floats)
+
+    def track(self, role: str, module: nn.Module, *example: Tensor) -> nn.Module:
+        """Declare a network the method forwards besides the teacher and student (spec §1.2, §2.1).
+
+        ``role``: e.g. ``generator``, ``discriminator``, ``projector`` (several modules may share one).
+        ``example``: the inputs of one forward call (any batch size), used once to measure the FLOPs
+        per sample; none for a module that costs nothing (e.g. optimised pixels).  The harness counts
+        the samples every tracked network processes, the optimizer steps on its parameters
+        (``steps/<role>``; ``generator_steps`` for role ``generator``) and the training FLOPs.
+        Returns ``module``.
+        """
+        self.networks.setdefault(role, []).append(module)
+        return module
+
+    def record(self, key: str, value: float) -> None:
+        """A run-level total the method alone knows (e.g. ``synthetic_images``), reported with the results."""
+        self.totals[key] = float(value)
 
     def add_artifact(self, name: str, value: Any) -> None:
         """Attach something to show (e.g. a uint8 sample grid from ``torchvision.utils.make_grid``)."""
