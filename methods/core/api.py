@@ -135,6 +135,16 @@ def check_collected_policy(method: str, collected: int) -> None:
         raise BudgetError(f"method {method!r} needs collected examples; got collected=0, allowed: an integer > 0")
 
 
+def check_teacher(method: str, teacher: nn.Module) -> None:
+    """Refuse a teacher without BatchNorm layers for a method that matches BN statistics (spec §2.5)."""
+    cls = get_method(method)
+    if cls.needs_teacher_bn and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in teacher.modules()):
+        raise DfkdError(
+            f"method {method!r} matches the teacher's BatchNorm statistics, and this teacher has no BatchNorm "
+            f"layer; allowed: a teacher with BatchNorm (on MNIST: lenet5-bn)"
+        )
+
+
 def check_budget(method: str, budget: Budget, data: TaskData) -> None:
     """Reject a budget the method does not accept or the pool cannot fill (one-line errors)."""
     check_collected_policy(method, budget.collected)
@@ -179,6 +189,7 @@ def distill(
     if budget.batch_size is not None:
         hparams = dataclasses.replace(hparams, batch_size=budget.batch_size)
     check_budget(method, budget, data)
+    check_teacher(method, teacher)
     dev = resolve_device(device)
     seed_everything(seed)
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from optuna.distributions import BaseDistribution
@@ -30,17 +31,80 @@ class CollectedUse(str, enum.Enum):
     REQUIRED = "required"  # collected > 0
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric hyperparameter: ``ge``/``gt`` below, ``le``/``lt`` above.
+
+    Float values must also be finite.  For a tuple field the range applies to every element.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def describe(self) -> str:
+        parts = []
+        if self.ge is not None:
+            parts.append(f">= {self.ge:g}")
+        if self.gt is not None:
+            parts.append(f"> {self.gt:g}")
+        if self.le is not None:
+            parts.append(f"<= {self.le:g}")
+        if self.lt is not None:
+            parts.append(f"< {self.lt:g}")
+        return " and ".join(parts) or "a finite number"
+
+    def admits(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return not (
+            (self.ge is not None and value < self.ge)
+            or (self.gt is not None and value <= self.gt)
+            or (self.le is not None and value > self.le)
+            or (self.lt is not None and value >= self.lt)
+        )
+
+
+def hp(default: Any, *, ge: float | None = None, gt: float | None = None,
+       le: float | None = None, lt: float | None = None) -> Any:
+    """A hyperparameter field with its allowed range, declared next to its default.
+
+    ``lr: float = hp(0.01, gt=0)``.  :func:`validate_hparams` checks every field centrally for every
+    method (CLI ``--set``, grid ``overrides``, tuning samples): NaN, infinities and out-of-range
+    values are one-line errors before any work starts.
+    """
+    return field(default=default, metadata={"range": Range(ge, gt, le, lt)})
+
+
+def validate_hparams(hparams: Any, method: str = "") -> None:
+    """Refuse a hyperparameter outside its declared :class:`Range` (floats must be finite anyway)."""
+    for f in dataclasses.fields(hparams):
+        value = getattr(hparams, f.name)
+        allowed: Range = f.metadata.get("range", Range())
+        values = value if isinstance(value, tuple) else (value,)
+        for item in values:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            if not allowed.admits(item):
+                raise DfkdError(
+                    f"bad value {value!r} for hyperparameter {f.name!r} of method {method!r}; "
+                    f"allowed: {allowed.describe()}"
+                )
+
+
 @dataclass
 class CommonHparams:
     """Hyperparameters every method has.  Budget.iterations / batch_size override the first two.
 
     ``iterations`` counts outer-loop iterations exactly as the method's update order (spec §1.2).
     ``eval_every`` is in iterations; validation accuracy is computed at each multiple (spec §1.5).
+    Subclasses that redefine these fields keep the ranges by using :func:`hp` (``hp(2000, ge=1)``).
     """
 
-    iterations: int = 1000
-    batch_size: int = 128
-    eval_every: int = 100
+    iterations: int = hp(1000, ge=1)
+    batch_size: int = hp(128, ge=1)
+    eval_every: int = hp(100, ge=1)
 
 
 # profile name -> dataset name (or "*" for any) -> hyperparameter overrides
@@ -59,6 +123,9 @@ class Method:
     uses_labelled_train: ClassVar[bool] = False
     search_space: ClassVar[Mapping[str, BaseDistribution]] = {}
     profiles: ClassVar[Profiles] = {"quick": {"*": {}}, "paper": {"*": {}}}
+    # True for methods whose losses match the teacher's BatchNorm statistics (spec §2.5): a teacher
+    # without BatchNorm layers is refused with a one-line error instead of running with the term at 0.
+    needs_teacher_bn: ClassVar[bool] = False
     # dataset -> (teacher arch, student arch) this method prefers when a grid names no pair,
     # e.g. {"mnist": ("lenet5-bn", "lenet5-half")} for a method whose losses need teacher BN.
     default_pairs: ClassVar[Mapping[str, tuple[str, str]]] = {}
@@ -84,6 +151,7 @@ class Method:
             "family": cls.family,
             "collected": cls.collected_use.value,
             "uses_labelled_train": cls.uses_labelled_train,
+            "needs_teacher_bn": cls.needs_teacher_bn,
             "hparams": cls.hparam_defaults(),
             "search_space": {k: describe_distribution(d) for k, d in cls.search_space.items()},
             "profiles": {p: sorted(v) for p, v in cls.profiles.items()},
@@ -118,7 +186,9 @@ class Method:
         """Defaults, then the profile's recipe for ``dataset``, then user overrides (typed and checked)."""
         values = cls.profile_overrides(profile, dataset)
         values.update(coerce_overrides(cls.Hparams, overrides or {}, cls.name))
-        return cls.Hparams(**values)
+        hparams = cls.Hparams(**values)
+        validate_hparams(hparams, cls.name)
+        return hparams
 
 
 def describe_distribution(dist: BaseDistribution) -> str:
