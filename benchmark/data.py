@@ -110,8 +110,8 @@ def get_spec(name: str) -> DatasetSpec:
 
 
 def default_data_root() -> Path:
-    """``DFKD_DATA`` if set, else ``./data``."""
-    return Path(os.environ.get("DFKD_DATA", "data"))
+    """``DFKD_DATA`` if set, else ``./data``, made absolute against the current directory."""
+    return Path(os.path.abspath(os.environ.get("DFKD_DATA", "data")))
 
 
 def stratified_split(labels: Tensor, fraction: float = VAL_FRACTION, seed: int = SPLIT_SEED) -> tuple[Tensor, Tensor]:
@@ -166,6 +166,32 @@ def balanced_indices(labels: Tensor, n: int, seed: int, balanced: bool = True) -
     return torch.cat([per_class[c][: quota[c]] for c in order])
 
 
+def source_key(task: str, source: str | None) -> str:
+    """The pool a collected ``source`` names, as ``"<dataset>:<split>"`` (default: the task's train-core)."""
+    key = source or f"{task}:train"
+    return key if ":" in key else f"{key}:train"
+
+
+def check_source(task: str, source: str | None) -> None:
+    """Refuse a collected pool the task may not learn from (spec §1.4: val / test are harness only).
+
+    Allowed: ``<task>:train`` (its train-core) and another dataset's ``train`` or ``test`` split
+    (unseen data for this task).  The task's own test or validation split is refused.
+    """
+    key = source_key(task, source)
+    dataset, split = key.split(":", 1)
+    allowed = f"{task}:train, or <other dataset>:train / <other dataset>:test"
+    if split not in ("train", "test", "val"):
+        raise DfkdError(f"bad collected source {source!r}; allowed: {allowed}")
+    get_spec(dataset)
+    if dataset == task and split != "train":
+        what = "test" if split == "test" else "validation"
+        raise DfkdError(f"collected source {source!r} is this task's own {what} split, which only the harness "
+                        f"may read (spec §1.4); allowed: {allowed}")
+    if split == "val":
+        raise DfkdError(f"bad collected source {source!r}: a validation split is never a pool; allowed: {allowed}")
+
+
 class PoolCollector:
     """Draws collected subsets from named pools ``"<dataset>:train"`` (train-core of that dataset).
 
@@ -178,14 +204,9 @@ class PoolCollector:
         self.loader = loader
 
     def _pool(self, source: str | None) -> ImageSet:
-        key = source or f"{self.task}:train"
-        if ":" not in key:
-            key = f"{key}:train"
-        dataset, split = key.split(":", 1)
-        if split not in ("train", "test"):
-            raise DfkdError(f"bad collected source {source!r}; allowed: <dataset>:train or <dataset>:test")
+        check_source(self.task, source)
+        key = source_key(self.task, source)
         if key not in self.pools:
-            get_spec(dataset)
             self.pools[key] = self.loader(key)
         return self.pools[key]
 
@@ -193,10 +214,13 @@ class PoolCollector:
         return len(self._pool(source))
 
     def draw(self, n: int, seed: int, source: str | None, balanced: bool) -> ImageSet:
+        """``n`` examples drawn with ``seed``, in a seeded random order (not grouped by class, which
+        would tell a method which images share a label)."""
         pool = self._pool(source)
         assert pool.labels is not None
         index = balanced_indices(pool.labels.cpu(), n, seed, balanced)
-        return pool.subset(index)
+        order = torch.randperm(len(index), generator=torch.Generator().manual_seed(seed + 1))
+        return pool.subset(index[order])
 
 
 def load_arrays(name: str, root: Path, train: bool, download: bool = False) -> tuple[Tensor, Tensor]:

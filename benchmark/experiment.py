@@ -18,6 +18,7 @@ from methods.core.api import (
     TaskData,
     check_budget,
     check_collected_policy,
+    check_teacher,
     distill,
     seed_everything,
 )
@@ -25,7 +26,7 @@ from methods.core.context import Callback
 from methods.core.registry import get_method
 
 from . import zoo
-from .data import get_spec, load_task
+from .data import check_source, get_spec, load_task
 from .settings import Settings
 from .teachers import load_teacher, read_manifest
 
@@ -66,7 +67,8 @@ def validate(spec: RunSpec, settings: Settings) -> dict[str, Any]:
 def check(spec: RunSpec) -> None:
     """The checks of :func:`validate` that need no teacher (a grid is checked before teachers exist).
 
-    A budget the method does not accept raises :class:`BudgetError`, other bad values :class:`DfkdError`.
+    A budget the method does not accept raises :class:`BudgetError`, a pair it cannot use
+    :class:`PairError` (a grid skips such cells), other bad values :class:`DfkdError`.
     """
     cls = get_method(spec.method)
     get_spec(spec.dataset)
@@ -74,6 +76,11 @@ def check(spec: RunSpec) -> None:
         zoo.check_arch(arch)
     cls.resolve_hparams(spec.profile, spec.dataset, spec.overrides_dict)
     check_collected_policy(spec.method, spec.budget.collected)
+    if spec.budget.collected > 0:
+        check_source(spec.dataset, spec.budget.source)
+    if cls.needs_teacher_bn:
+        data = get_spec(spec.dataset)
+        check_teacher(spec.method, zoo.build(spec.teacher, data.num_classes or 10, data.channels))
 
 
 def execute(
@@ -138,8 +145,9 @@ def summary(spec: RunSpec, result: DistillResult) -> dict[str, Any]:
         "best_val_accuracy": result.best_val_accuracy,
         "best_iteration": result.best_iteration,
         "teacher_accuracy": result.teacher_accuracy,
-        "teacher_images": result.teacher_images,
         "wall_seconds": result.wall_seconds,
+        **result.accounting,
+        "teacher_images": result.teacher_images,
         "hparams": result.hparams,
         "flags": result.flags,
     }

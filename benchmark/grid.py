@@ -47,7 +47,7 @@ from typing import Any
 import yaml
 
 from methods.core.api import Budget
-from methods.core.errors import BudgetError, DfkdError
+from methods.core.errors import BudgetError, DfkdError, PairError
 from methods.core.method import coerce_overrides
 from methods.core.registry import get_method, method_names
 
@@ -300,7 +300,7 @@ def expand(grid: Grid) -> Plan:
                                 continue
                             try:
                                 check(spec)
-                            except BudgetError as error:
+                            except (BudgetError, PairError) as error:
                                 skipped.append(Skipped(entry.name, dataset.name, pair, b.collected, seed, str(error)))
                                 continue
                             except DfkdError as error:

@@ -88,8 +88,26 @@ def _number(value: Any) -> float | None:
 
 
 # ----------------------------------------------------------------------------- tables
+# Size and cost next to accuracy (spec §2.1 "What is deployed"): the deployed predictor's
+# parameters and forward FLOPs per image, and the FLOPs each run spent training.
+SIZE_COLUMNS = {"student_parameters": "params", "student_flops": "flops", "train_flops": "train_flops"}
+TEACHER_SIZE = {"teacher_parameters": "params", "teacher_flops": "flops"}
+
+
+def _row_labels(data: pd.DataFrame) -> pd.Series:
+    """The method name; with the deployed size appended where one method deployed several sizes
+    (e.g. SimKD's shared-head predictor next to the bare student), so they never share a row."""
+    if "metrics.student_parameters" not in data.columns:
+        return data["tags.method"]
+    params = data["metrics.student_parameters"]
+    sizes = data.groupby("tags.method")["metrics.student_parameters"].nunique()
+    return pd.Series([f"{m} [{p / 1000:.1f}k params]" if sizes[m] > 1 and p == p else m
+                      for m, p in zip(data["tags.method"], params, strict=True)], index=data.index)
+
+
 def summarize(frame: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFrame:
-    """Long form: one row per (method, dataset, pair, budget) with mean, sample std (NaN for one run) and n (in %)."""
+    """Long form: one row per (method, dataset, pair, budget) with mean, sample std (NaN for one run) and n (in %),
+    and the mean deployed parameters / FLOPs per image and training FLOPs of those runs (spec §2.1)."""
     column = f"metrics.{metric}"
     if column not in frame.columns or frame[column].notna().sum() == 0:
         raise DfkdError(f"no run has metric {metric!r}; allowed: "
@@ -97,17 +115,53 @@ def summarize(frame: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFram
     data = frame[frame[column].notna()].copy()
     data["value"] = 100 * data[column].astype(float)
     data["budget"] = data["tags.budget"].astype(int)
-    keys = ["tags.method", "tags.dataset", "tags.pair", "budget"]
-    grouped = data.groupby(keys)["value"].agg(["mean", "std", "count"]).reset_index()
+    data["row"] = _row_labels(data)
+    keys = ["row", "tags.dataset", "tags.pair", "budget"]
+    grouped = data.groupby(keys)["value"].agg(["mean", "std", "count"])
+    sizes = {name: f"metrics.{key}" for key, name in SIZE_COLUMNS.items() if f"metrics.{key}" in data.columns}
+    if sizes:
+        grouped = grouped.join(data.groupby(keys)[list(sizes.values())].mean().rename(
+            columns={v: k for k, v in sizes.items()}))
+    grouped = grouped.reset_index()
     teacher_col = "metrics.teacher_accuracy"
     if teacher_col in data.columns and data[teacher_col].notna().any():
         data["teacher"] = 100 * data[teacher_col].astype(float)
-        teacher = data.groupby(keys[1:])["teacher"].agg(["mean", "std", "count"]).reset_index()
-        teacher.insert(0, "tags.method", "teacher")
+        teacher = data.groupby(keys[1:])["teacher"].agg(["mean", "std", "count"])
+        tsizes = {name: f"metrics.{key}" for key, name in TEACHER_SIZE.items() if f"metrics.{key}" in data.columns}
+        if tsizes:
+            teacher = teacher.join(data.groupby(keys[1:])[list(tsizes.values())].mean().rename(
+                columns={v: k for k, v in tsizes.items()}))
+        teacher = teacher.reset_index()
+        teacher.insert(0, "row", "teacher")
         grouped = pd.concat([teacher, grouped], ignore_index=True)
-    grouped = grouped.rename(columns={"tags.method": "method", "tags.dataset": "dataset", "tags.pair": "pair",
+    grouped = grouped.rename(columns={"row": "method", "tags.dataset": "dataset", "tags.pair": "pair",
                                       "count": "n"})
     return grouped
+
+
+def _si(value: float) -> str:
+    """1.23e+12 → ``1.23T``; k, M, G, T, P steps of 1,000."""
+    if value != value:
+        return "–"
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def size_columns(long: pd.DataFrame) -> pd.DataFrame:
+    """Per table row: deployed parameters, forward FLOPs per image, and training FLOPs per run
+    (a range when the row's cells differ)."""
+    out = {}
+    for method, rows in long.groupby("method", sort=False):
+        entry = {}
+        for name, label in (("params", "params"), ("flops", "FLOPs/img"), ("train_flops", "train FLOPs/run")):
+            if name not in rows.columns or rows[name].isna().all():
+                continue
+            low, high = rows[name].min(), rows[name].max()
+            entry[label] = _si(low) if math.isclose(low, high, rel_tol=0.01) else f"{_si(low)}–{_si(high)}"
+        out[method] = entry
+    return pd.DataFrame.from_dict(out, orient="index")
 
 
 def wide(long: pd.DataFrame) -> pd.DataFrame:
@@ -123,6 +177,9 @@ def wide(long: pd.DataFrame) -> pd.DataFrame:
     methods = list(dict.fromkeys(["teacher", *sorted(set(long["method"]) - {"teacher"})]))
     table = long.pivot_table(index="method", columns="column", values="cell", aggfunc="first")
     table = table.reindex(index=[m for m in methods if m in table.index], columns=order).fillna("–")
+    sizes = size_columns(long)
+    if len(sizes.columns):
+        table = table.join(sizes.reindex(table.index).fillna("–"))
     table.index.name = "method"
     table.columns.name = None
     return table
@@ -137,7 +194,9 @@ def render(long: pd.DataFrame, fmt: str, metric: str) -> str:
     if fmt == "md":
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":---:"] * (len(header) - 1)) + "|"]
         lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
-        note = f"\n{METRIC_LABELS.get(metric, metric)}: mean ± std over seeds (number of runs)\n"
+        note = (f"\n{METRIC_LABELS.get(metric, metric)}: mean ± std over seeds (number of runs). params and "
+                "FLOPs/img: the deployed predictor (multiply-add = 2 FLOPs); train FLOPs/run: every network's "
+                "forward and backward passes during training\n")
         return "\n".join(lines) + "\n" + note
     if fmt == "latex":
         def esc(text: Any) -> str:

@@ -35,6 +35,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from methods.core.accounting import ACCOUNTING_KEYS
 from methods.core.api import TaskData
 from methods.core.context import BaseCallback
 from methods.core.errors import DfkdError
@@ -558,7 +559,7 @@ class Outcome:
 
 
 FINAL_METRICS = ("test_accuracy", "best_val_test_accuracy", "best_val_accuracy", "teacher_accuracy",
-                 "teacher_images", "wall_seconds")
+                 "wall_seconds") + ACCOUNTING_KEYS
 
 
 def collect(client: MlflowClient, experiment_id: str, plan: Plan, errors: dict[str, str] | None = None) -> list[CellRow]:

@@ -124,6 +124,7 @@ class CGDD(Method):
     def run(self, ctx: DistillContext) -> None:
         hp: CGDDHparams = self.hp  # type: ignore[assignment]
         generator = GeneratorD(ctx.num_classes, hp.nz, hp.ngf, ctx.channels, ctx.size).to(ctx.device).train()
+        ctx.track("generator", generator, *sample_conditional(generator, 2, ctx.num_classes, ctx.device))
         bn = BNStatisticsLoss(ctx.teacher.net)
         use_bn = hp.lambda_bn > 0 and bn.available
         if hp.lambda_bn > 0 and not bn.available:

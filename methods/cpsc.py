@@ -169,6 +169,7 @@ class CPSC(Method):
         hp: CPSCHparams = self.hp  # type: ignore[assignment]
         form = hp.ikd_form if hp.ikd_form != "auto" else ("log" if ctx.num_classes == 10 else "linear")
         generator = GeneratorD(ctx.num_classes, hp.nz, hp.ngf, ctx.channels, ctx.size).to(ctx.device).train()
+        ctx.track("generator", generator, *sample_conditional(generator, 2, ctx.num_classes, ctx.device))
         adapter = self._adapter(ctx, hp.adapter_renorm)
         bn = BNStatisticsLoss(ctx.teacher.net)
         use_bn = hp.beta > 0 and bn.available
@@ -258,4 +259,6 @@ class CPSC(Method):
             d_t = ctx.teacher.net.features(probe).vec.shape[1]
         if d_s == d_t:
             return nn.Identity()
-        return FrozenAdapter(d_s, d_t, renorm).to(ctx.device)
+        adapter = FrozenAdapter(d_s, d_t, renorm).to(ctx.device)
+        ctx.track("adapter", adapter, torch.zeros(2, d_s, device=ctx.device))
+        return adapter

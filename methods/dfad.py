@@ -200,6 +200,7 @@ class DFAD(Method):
         device, batch, k = ctx.device, hp.batch_size, hp.student_steps
         teacher, student = ctx.teacher, ctx.student.train()
         generator = build_generator(hp, ctx.channels, ctx.size, device)
+        ctx.track("generator", generator, torch.randn(2, hp.nz, device=device))
         forward_g: nn.Module = torch.compile(generator) if hp.compile else generator  # type: ignore[assignment]
         ctx.watch(student)
 
@@ -218,9 +219,4 @@ class DFAD(Method):
                 schedule.step()
             ctx.end_iteration(iteration, {"student": loss_s / k, "generator": loss_g})
 
-        ctx.log_metrics(ctx.iterations, {
-            "steps/student": ctx.iterations * k,
-            "steps/generator": ctx.iterations,
-            "student_images": ctx.iterations * (k + 1) * batch,
-        })
         ctx.add_artifact("samples", sample_grid(ctx, generator, hp.samples, hp.nz))

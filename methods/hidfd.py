@@ -38,7 +38,7 @@ from .core.meters import LossMeter
 from .core.method import CollectedUse, CommonHparams, Method
 from .core.registry import register
 from .core.schedules import Schedule
-from .core.student_stage import StudentStageConfig, hidfd_augment, inflated_set, train_student
+from .core.student_stage import SIMKD_DEPLOYED, StudentStageConfig, hidfd_augment, inflated_set, student_lr, train_student
 
 FiTerms = Literal["all", "matched", "cross"]
 STEP_MILESTONES = (0.625, 0.75, 0.875)  # epochs 150 / 180 / 210 of 240
@@ -135,12 +135,16 @@ class HiDFDHparams(CommonHparams):
     iterations: int = 62_500
     batch_size: int = 64
     eval_every: int = 1_563
-    lr: float = 0.05
+    lr: float | None = None  # None: 0.05 (the paper's, simkd) or 0.01 for kd, as KD-collected
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: Schedule = "multistep"
     milestones: tuple[float, ...] = STEP_MILESTONES
     inflation: int = 10  # N: X_c repeated N times in the student set
+    # simkd (the paper): backbone + projector + teacher head is deployed; kd: the bare student with
+    # τ-KD on the same inflated set, to compare at the data-free methods' deployed size (spec §4.2).
+    objective: Literal["simkd", "kd"] = "simkd"
+    tau: float = 4.0
     # stage 2: synthesis
     n_synth: int = 50_000
     synth_use_ema: bool = True  # False = the released code (samples from G)
@@ -216,13 +220,13 @@ class HiDFD(Method):
     family = "hybrid (collected data + GAN)"
     citation = "Tang et al. Hybrid Data-Free Knowledge Distillation. 2024."
     notes = (
-        "Accuracy is that of student backbone + SimKD projector + the teacher's frozen classifier "
-        "(the paper's deployed student, spec §2.6). Paper intent where the released code is broken: "
+        "Paper intent where the released code is broken: "
         "L_FI trains D's fi head; CFS weights are updated every cfs_k G steps; synthesis from G_ema "
         "(released: cfs_static=true, synth_use_ema=false). No checkpoint/resume between stages yet."
     )
     Hparams = HiDFDHparams
     collected_use = CollectedUse.REQUIRED
+    deployed = SIMKD_DEPLOYED
     search_space = {
         "lambda_d": FloatDistribution(0.01, 1.0, log=True),
         "lambda_g": FloatDistribution(0.01, 1.0, log=True),
@@ -248,7 +252,8 @@ class HiDFD(Method):
         generator = train_gan(ctx, hp, real)
         synthetic = synthesize(ctx, generator, hp.n_synth, hp.gan_batch_size)
         ctx.add_artifact("samples", sample_grid(ctx, generator))
-        config = StudentStageConfig("simkd", 4.0, 0.0, hp.lr, hp.momentum, hp.weight_decay, hp.schedule, hp.milestones)
+        lr = student_lr(hp.objective, hp.lr)
+        config = StudentStageConfig(hp.objective, hp.tau, 0.0, lr, hp.momentum, hp.weight_decay, hp.schedule, hp.milestones)
         train_student(ctx, inflated_set(real, hp.inflation, synthetic), config, hp.batch_size,
                       hidfd_augment(ctx.channels))
 
@@ -283,10 +288,14 @@ def train_gan(ctx: DistillContext, hp: HiDFDHparams, real: ImageSet) -> torch.nn
     D = BigGANDiscriminator(num_classes, ctx.channels, teacher_feature_dim(ctx), ch=hp.gan_ch).to(dev).train()
     if G.size != ctx.size:
         raise ValueError(f"BigGAN-32 emits {G.size}px images; the task needs {ctx.size}px")
+    z_example = torch.randn(2, hp.nz, device=dev), torch.zeros(2, dtype=torch.long, device=dev)
+    ctx.track("generator", G, *z_example)
+    ctx.track("discriminator", D, torch.zeros(2, ctx.channels, ctx.size, ctx.size, device=dev))
     betas = (hp.gan_beta1, hp.gan_beta2)
     opt_g = torch.optim.Adam(G.parameters(), lr=hp.gan_lr, betas=betas, eps=1e-8)
     opt_d = torch.optim.Adam(D.parameters(), lr=hp.gan_lr, betas=betas, eps=1e-8)
     ema = EmaGenerator(G, hp.ema_decay, hp.ema_start)
+    ctx.track("generator", ema.model, *z_example)
     cfs = FrequencySmoother(num_classes, dev, hp.cfs_init, hp.cfs_beta, hp.cfs_decay, hp.cfs_static)
     if hp.cfs_static:
         ctx.flag("cfs_static", "released behaviour: CFS weights never updated (w ≡ 1)")

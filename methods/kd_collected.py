@@ -15,7 +15,7 @@ from .core.context import DistillContext
 from .core.method import CollectedUse, CommonHparams, Method
 from .core.registry import register
 from .core.schedules import Schedule
-from .core.student_stage import StudentStageConfig, hidfd_augment, train_student
+from .core.student_stage import SIMKD_DEPLOYED, StudentStageConfig, hidfd_augment, student_lr, train_student
 
 STEP_MILESTONES = (0.625, 0.75, 0.875)  # epochs 150 / 180 / 210 of 240
 
@@ -29,9 +29,7 @@ class KDCollectedHparams(CommonHparams):
     eval_every: int = 1_563
     objective: Literal["simkd", "kd"] = "simkd"
     tau: float = 4.0
-    # None = 0.05 for simkd (HiDFD's recipe) and 0.01 for kd [ours]: with τ² = 16 scaling, plain KD at
-    # 0.05 left LeNet-5-half at chance on MNIST (measured: 10.3% vs 91.2% at 0.01 after 300 steps).
-    lr: float | None = None
+    lr: float | None = None  # None: 0.05 for simkd, 0.01 for kd (see student_lr)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: Schedule = "multistep"
@@ -46,6 +44,7 @@ class KDCollected(Method):
     citation = "HiDFD stage 3 without synthetic data (Tang et al., Hybrid Data-Free Knowledge Distillation, 2024)."
     Hparams = KDCollectedHparams
     collected_use = CollectedUse.REQUIRED
+    deployed = SIMKD_DEPLOYED
     search_space = {
         "lr": FloatDistribution(0.005, 0.2, log=True),
         "objective": CategoricalDistribution(["simkd", "kd"]),
@@ -62,6 +61,6 @@ class KDCollected(Method):
 
     def run(self, ctx: DistillContext) -> None:
         hp: KDCollectedHparams = self.hp  # type: ignore[assignment]
-        lr = hp.lr if hp.lr is not None else (0.05 if hp.objective == "simkd" else 0.01)
+        lr = student_lr(hp.objective, hp.lr)
         config = StudentStageConfig(hp.objective, hp.tau, 0.0, lr, hp.momentum, hp.weight_decay, hp.schedule, hp.milestones)
         train_student(ctx, ctx.collected(), config, hp.batch_size, hidfd_augment(ctx.channels))

@@ -16,6 +16,12 @@ from methods.core.context import BaseCallback
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# A relative DFKD_DATA (README: DFKD_DATA=../shared/data) means: relative to where pytest was started.
+# Resolve it once, now, and export the absolute path, so that no test (nor a subprocess it starts
+# in another directory) depends on the current directory.
+if os.environ.get("DFKD_DATA"):
+    os.environ["DFKD_DATA"] = os.path.abspath(os.environ["DFKD_DATA"])
+
 
 def _data_root() -> Path:
     root = Path(os.environ.get("DFKD_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))

@@ -58,7 +58,12 @@ def distill_command(method: str, dataset: str, teacher: str, student: str, colle
     click.echo(f"  test accuracy (best val)  {100 * out['best_val_test_accuracy']:.2f}%")
     click.echo(f"  best val accuracy         {100 * out['best_val_accuracy']:.2f}%  (iteration {out['best_iteration']})")
     click.echo(f"  teacher test accuracy     {100 * out['teacher_accuracy']:.2f}%")
-    click.echo(f"  teacher images            {out['teacher_images']:,}")
+    click.echo(f"  deployed predictor        {out['student_parameters']:,.0f} parameters, "
+               f"{out['student_flops'] / 1e6:.3g} MFLOPs per image (teacher {out['teacher_parameters']:,.0f}, "
+               f"{out['teacher_flops'] / 1e6:.3g} MFLOPs)")
+    click.echo(f"  training                  {out['train_flops']:.3g} FLOPs; images through teacher "
+               f"{out['teacher_images']:,}, student {out['student_images']:,.0f}; generator steps "
+               f"{out['generator_steps']:,.0f}")
     click.echo(f"  wall time                 {out['wall_seconds']:.1f} s")
     for name, reason in out["flags"].items():
         click.echo(f"  flag {name}: {reason}")

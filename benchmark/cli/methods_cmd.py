@@ -34,6 +34,7 @@ def methods_command(as_json: bool, settings: Settings) -> None:
     for info in described:
         click.secho(f"{info['name']}", bold=True, nl=False)
         click.echo(f"  [{info['family']}]  collected: {info['collected']}  profiles: {', '.join(info['profiles'])}")
+        click.echo(f"    deployed: {info['deployed']}")
         if info["notes"]:
             click.echo(f"    note: {info['notes']}")
         params = "  ".join(f"{k}={_format_value(v)}" for k, v in info["hparams"].items())

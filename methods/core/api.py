@@ -11,8 +11,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .accounting import ACCOUNTING_KEYS, deployed_size, parameter_count
 from .context import Callback, CountingTeacher, DistillContext, Evaluation
-from .errors import BudgetError, DfkdError
+from .errors import BudgetError, DfkdError, PairError
 from .images import Augment, ImageSet, accuracy
 from .method import CollectedUse
 from .registry import get_method
@@ -95,6 +96,9 @@ class DistillResult:
     seed: int
     artifacts: dict[str, Any] = field(default_factory=dict)
     flags: dict[str, str] = field(default_factory=dict)
+    # Deployed size and training cost (spec §1.2, §2.1): the ACCOUNTING_KEYS, the per-role
+    # breakdown (flops/<role>, samples/<role>, steps/<role>) and the totals a method recorded.
+    accounting: dict[str, float] = field(default_factory=dict)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -139,7 +143,7 @@ def check_teacher(method: str, teacher: nn.Module) -> None:
     """Refuse a teacher without BatchNorm layers for a method that matches BN statistics (spec §2.5)."""
     cls = get_method(method)
     if cls.needs_teacher_bn and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in teacher.modules()):
-        raise DfkdError(
+        raise PairError(
             f"method {method!r} matches the teacher's BatchNorm statistics, and this teacher has no BatchNorm "
             f"layer; allowed: a teacher with BatchNorm (on MNIST: lenet5-bn)"
         )
@@ -206,6 +210,11 @@ def distill(
             raise DfkdError(f"method {method!r} needs the labelled training set, which {data.dataset!r} lacks")
         labelled = data.train.to(dev)
 
+    val = data.val.to(dev)
+
+    def validate(predictor: nn.Module) -> float:
+        return accuracy(predictor, val)
+
     ctx = DistillContext(
         teacher=counted,
         student=student,
@@ -216,7 +225,7 @@ def distill(
         mean=data.mean,
         std=data.std,
         train_augment=data.train_augment,
-        val=data.val.to(dev),
+        _validate=validate,
         iterations=hparams.iterations,
         eval_every=max(1, min(hparams.eval_every, hparams.iterations)),
         collected_budget=budget.collected,
@@ -236,14 +245,19 @@ def distill(
     }
     for cb in ctx.callbacks:
         cb.on_start(info)
-    started = time.perf_counter()
-    ctx.started = started
-    cls(hparams).run(ctx)
-    if ctx.predictor is None:
-        raise RuntimeError(f"method {method!r} never called ctx.watch(predictor)")
-    if not ctx.history or ctx.history[-1].iteration != hparams.iterations:
-        ctx.evaluate(hparams.iterations)
-    wall = time.perf_counter() - started
+    probe = torch.zeros(2, data.channels, data.size, data.size, device=dev)
+    with ctx.accounting.active():
+        ctx.track("teacher", counted.net, probe)
+        ctx.track("student", student, probe)
+        started = time.perf_counter()
+        ctx.started = started
+        cls(hparams).run(ctx)
+        if ctx.predictor is None:
+            raise RuntimeError(f"method {method!r} never called ctx.watch(predictor)")
+        if not ctx.history or ctx.history[-1].iteration != hparams.iterations:
+            ctx.evaluate(hparams.iterations)
+        wall = time.perf_counter() - started
+    accounting = run_accounting(ctx, counted, probe)
 
     best = ctx.best_predictor()
     final: dict[str, float] = {}
@@ -257,8 +271,8 @@ def distill(
     final["best_val_accuracy"] = ctx.best_val_accuracy
     if evaluate_test:
         final["teacher_accuracy"] = teacher_acc
-    final["teacher_images"] = float(counted.images)
     final["wall_seconds"] = wall
+    final.update(accounting)
     ctx.log_metrics(hparams.iterations, final)
     return DistillResult(
         method=method,
@@ -280,4 +294,22 @@ def distill(
         seed=seed,
         artifacts=ctx.artifacts,
         flags=ctx.flags,
+        accounting=accounting,
     )
+
+
+def run_accounting(ctx: DistillContext, teacher: CountingTeacher, probe: torch.Tensor) -> dict[str, float]:
+    """Deployed size of predictor and teacher, and the run's training cost (spec §1.2, §2.1, §6)."""
+    assert ctx.predictor is not None
+    student_parameters, student_flops = deployed_size(ctx.predictor, probe)
+    teacher_flops = deployed_size(teacher.net, probe)[1]
+    out = {
+        "student_parameters": float(student_parameters),
+        "student_flops": student_flops,
+        "teacher_parameters": float(parameter_count(list(teacher.net.modules()))),
+        "teacher_flops": teacher_flops,
+        "teacher_images": float(teacher.images),
+    }
+    out.update(ctx.accounting.totals())
+    out.update(ctx.totals)
+    return out

@@ -9,15 +9,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from .accounting import Accountant
 from .errors import BudgetError
-from .images import Augment, ImageSet, accuracy
+from .images import Augment, ImageSet
 from .meters import LossMeter
 
 
@@ -90,7 +91,11 @@ class Evaluation:
 
 @dataclass
 class DistillContext:
-    """Everything a method may use.  Build through :func:`methods.distill`, not by hand."""
+    """Everything a method may use.  Build through :func:`methods.distill`, not by hand.
+
+    Labelled validation and test data are not on the context (spec §1.4: harness only): the
+    harness passes ``_validate``, a function that scores a predictor, and keeps the data itself.
+    """
 
     teacher: CountingTeacher
     student: nn.Module
@@ -101,7 +106,7 @@ class DistillContext:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     train_augment: Augment
-    val: ImageSet
+    _validate: Callable[[nn.Module], float]
     iterations: int
     eval_every: int
     collected_budget: int = 0
@@ -119,6 +124,7 @@ class DistillContext:
     predictor: nn.Module | None = None
     networks: dict[str, list[nn.Module]] = field(default_factory=dict)
     totals: dict[str, float] = field(default_factory=dict)
+    accounting: Accountant = field(default_factory=Accountant)
     _losses: LossMeter = field(default_factory=LossMeter)
     _last_eval: int = -1
     started: float = field(default_factory=time.perf_counter)
@@ -194,7 +200,8 @@ class DistillContext:
         if self._losses:
             means = self._losses.means(f"at iteration {iteration}")
             metrics.update({f"loss/{key}": value for key, value in means.items()})
-        val_acc = accuracy(self.predictor, self.val)
+        with self.accounting.paused():
+            val_acc = self._validate(self.predictor)
         metrics["val_accuracy"] = val_acc
         if val_acc > self.best_val_accuracy:
             self.best_val_accuracy = val_acc
@@ -225,6 +232,7 @@ class DistillContext:
         Returns ``module``.
         """
         self.networks.setdefault(role, []).append(module)
+        self.accounting.track(role, module, *example)
         return module
 
     def record(self, key: str, value: float) -> None:

@@ -13,5 +13,9 @@ class BudgetError(DfkdError):
     """A method asked for more collected data than its budget allows, or a budget it cannot take."""
 
 
+class PairError(DfkdError):
+    """A teacher → student pair the method cannot use (e.g. a BN-less teacher for a BN-statistics method)."""
+
+
 class NonFiniteLossError(RuntimeError):
     """A training loss became NaN or infinite (detected at evaluation time, without per-step syncs)."""

@@ -118,6 +118,8 @@ class Method:
     family: ClassVar[str] = ""
     citation: ClassVar[str] = ""
     notes: ClassVar[str] = ""
+    # The predictor whose accuracy the method reports (spec §2.1 "What is deployed").
+    deployed: ClassVar[str] = "the bare student"
     Hparams: ClassVar[type[CommonHparams]] = CommonHparams
     collected_use: ClassVar[CollectedUse] = CollectedUse.NONE
     uses_labelled_train: ClassVar[bool] = False
@@ -156,6 +158,7 @@ class Method:
             "search_space": {k: describe_distribution(d) for k, d in cls.search_space.items()},
             "profiles": {p: sorted(v) for p, v in cls.profiles.items()},
             "citation": cls.citation,
+            "deployed": cls.deployed,
             "notes": cls.notes,
         }
 

@@ -55,8 +55,13 @@ class SharedHeadPredictor(nn.Module):
         self.teacher_map_size = teacher_map_size
 
     def projected(self, x: Tensor) -> Tensor:
-        """P(F_S), with F_S pooled to the teacher's map size when larger."""
-        fmap = self.student.features(x).map
+        """P(F_S), with F_S pooled to the teacher's map size when larger.
+
+        F_S comes from the student's ``body`` (zoo nets), so the student's own classifier, which the
+        deployed predictor does not use, is neither run nor counted in its size (spec §2.1).
+        """
+        body = getattr(self.student, "body", None)
+        fmap = body(x)[0] if body is not None else self.student.features(x).map
         if fmap.shape[-1] > self.teacher_map_size:
             fmap = F.adaptive_avg_pool2d(fmap, self.teacher_map_size)
         return self.projector(fmap)
