@@ -38,7 +38,14 @@ from .core.meters import LossMeter
 from .core.method import CollectedUse, CommonHparams, Method
 from .core.registry import register
 from .core.schedules import Schedule
-from .core.student_stage import SIMKD_DEPLOYED, StudentStageConfig, hidfd_augment, inflated_set, student_lr, train_student
+from .core.student_stage import (
+    SIMKD_DEPLOYED,
+    StudentStageConfig,
+    hidfd_augment,
+    inflated_set,
+    student_lr,
+    train_student,
+)
 
 FiTerms = Literal["all", "matched", "cross"]
 STEP_MILESTONES = (0.625, 0.75, 0.875)  # epochs 150 / 180 / 210 of 240

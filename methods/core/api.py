@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .accounting import ACCOUNTING_KEYS, deployed_size, parameter_count
+from .accounting import deployed_size, parameter_count
 from .context import Callback, CountingTeacher, DistillContext, Evaluation
 from .errors import BudgetError, DfkdError, PairError
 from .images import Augment, ImageSet, accuracy
