@@ -25,6 +25,7 @@ import pandas as pd
 from methods.core.errors import DfkdError
 
 from . import tracking
+from .units import si
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -139,16 +140,6 @@ def summarize(frame: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFram
     return grouped
 
 
-def _si(value: float) -> str:
-    """1.23e+12 → ``1.23T``; k, M, G, T, P steps of 1,000."""
-    if value != value:
-        return "–"
-    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{unit}"
-    return f"{value:.3g}"
-
-
 def size_columns(long: pd.DataFrame) -> pd.DataFrame:
     """Per table row: deployed parameters, forward FLOPs per image, and training FLOPs per run
     (a range when the row's cells differ)."""
@@ -159,7 +150,7 @@ def size_columns(long: pd.DataFrame) -> pd.DataFrame:
             if name not in rows.columns or rows[name].isna().all():
                 continue
             low, high = rows[name].min(), rows[name].max()
-            entry[label] = _si(low) if math.isclose(low, high, rel_tol=0.01) else f"{_si(low)}–{_si(high)}"
+            entry[label] = si(low) if math.isclose(low, high, rel_tol=0.01) else f"{si(low)}–{si(high)}"
         out[method] = entry
     return pd.DataFrame.from_dict(out, orient="index")
 

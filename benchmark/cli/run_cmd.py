@@ -13,6 +13,7 @@ from ..grid import DEFAULT_GRID, Plan, describe_grid, expand, load_grid
 from ..runner import Outcome, missing_teachers, run_grid
 from ..settings import Settings
 from ..tracking import resolve_tracking_uri
+from ..units import si
 from ..workqueue import DEFAULT_HEARTBEAT, default_storage
 from .app import common_options, main
 
@@ -44,14 +45,15 @@ def print_plan(plan: Plan, settings: Settings, tracking_uri: str, storage: str) 
 
 def print_outcome(outcome: Outcome) -> None:
     click.echo(f"{'method':<14}{'dataset':<10}{'pair':<24}{'coll':>6}{'seed':>5}  {'status':<9}"
-               f"{'test':>7}{'bv-test':>8}{'teacher':>8}{'wall s':>8}")
+               f"{'test':>7}{'bv-test':>8}{'teacher':>8}{'wall s':>8}{'params':>9}{'train FLOPs':>12}")
     for row in outcome.rows:
         s = row.cell.spec
         m = row.metrics
         wall = m.get("wall_seconds")
         click.echo(f"{s.method:<14}{s.dataset:<10}{row.cell.pair:<24}{s.budget.collected:>6}{s.seed:>5}  "
                    f"{row.status:<9}{_percent(m.get('test_accuracy')):>7}{_percent(m.get('best_val_test_accuracy')):>8}"
-                   f"{_percent(m.get('teacher_accuracy')):>8}{'' if wall is None else f'{wall:.1f}':>8}")
+                   f"{_percent(m.get('teacher_accuracy')):>8}{'' if wall is None else f'{wall:.1f}':>8}"
+                   f"{si(m.get('student_parameters')):>9}{si(m.get('train_flops')):>12}")
         if row.error:
             click.echo(f"    error: {row.error.splitlines()[0][:300]}")
     for skip in outcome.plan.skipped:
