@@ -120,7 +120,8 @@ class FrequencySmoother:
 
     def observe(self, teacher_logits: Tensor) -> None:
         predicted = teacher_logits.detach().argmax(1)
-        self.counts += torch.bincount(predicted, minlength=self.num_classes).to(self.counts.dtype)
+        # one-hot sum instead of bincount, which synchronises with the host on CUDA
+        self.counts.index_add_(0, predicted, torch.ones_like(predicted, dtype=self.counts.dtype))
 
     def update(self) -> None:
         if not self.static:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .accounting import Accountant
 from .errors import BudgetError
-from .images import Augment, ImageSet
+from .images import Augment, ImageSet, channel_stats
 from .meters import LossMeter
 
 
@@ -150,14 +150,12 @@ class DistillContext:
 
     def normalize(self, pixels: Tensor) -> Tensor:
         """Map pixel-space images in [0, 1] to the teacher's normalized space (spec §1.3)."""
-        mean = torch.tensor(self.mean, device=pixels.device, dtype=pixels.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=pixels.device, dtype=pixels.dtype).view(1, -1, 1, 1)
+        mean, std = channel_stats(tuple(self.mean), tuple(self.std), pixels.device, pixels.dtype)
         return (pixels - mean) / std
 
     def denormalize(self, x: Tensor) -> Tensor:
         """Inverse of :meth:`normalize`: back to pixel space (for sample grids)."""
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        mean, std = channel_stats(tuple(self.mean), tuple(self.std), x.device, x.dtype)
         return x * std + mean
 
     # ------------------------------------------------------------------ numerics

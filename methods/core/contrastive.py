@@ -24,8 +24,9 @@ def supcon_loss(features: Tensor, labels: Tensor, temperature: float = 0.07) -> 
     log_prob = logits - log_denominator
     count = positive.sum(1)
     mean_log_prob_pos = (log_prob * positive).sum(1) / count.clamp_min(1)
-    has_positive = count > 0
-    return -(mean_log_prob_pos[has_positive]).mean()
+    # mean over anchors with a positive, as a weighted sum: boolean-mask indexing syncs on CUDA
+    has_positive = (count > 0).to(mean_log_prob_pos.dtype)
+    return -(mean_log_prob_pos * has_positive).sum() / has_positive.sum()
 
 
 def two_view_supcon(u_student: Tensor, u_teacher: Tensor, labels: Tensor, temperature: float = 0.07) -> Tensor:

@@ -7,6 +7,7 @@ normalized on the device in a handful of tensor ops.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -33,6 +34,19 @@ class Augment:
 
 
 NO_AUGMENT = Augment()
+
+
+@functools.lru_cache(maxsize=64)
+def channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+                  dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(μ, σ) as (1, C, 1, 1) tensors on ``device``, made once per device and dtype (spec §1.3).
+
+    Building them per batch with ``torch.tensor`` would be a blocking host-to-device copy on CUDA.
+    The cached tensors are shared: never modify them in place.
+    """
+    shape = (1, -1, 1, 1)
+    return (torch.tensor(mean, device=device, dtype=dtype).view(shape),
+            torch.tensor(std, device=device, dtype=dtype).view(shape))
 
 
 def random_crop(x: Tensor, padding: int) -> Tensor:
@@ -147,8 +161,7 @@ class ImageSet:
 
     def normalize(self, x: Tensor) -> Tensor:
         """(x − μ)/σ per channel."""
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        mean, std = channel_stats(tuple(self.mean), tuple(self.std), x.device, x.dtype)
         return (x - mean) / std
 
     def batch(self, index: Tensor | slice, augment: Augment = NO_AUGMENT) -> Tensor:
