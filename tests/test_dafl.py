@@ -189,7 +189,7 @@ def test_profiles_follow_the_paper_recipes() -> None:
     q = cls.resolve_hparams("quick", "mnist")
     # quick changes width, batch, length and schedule shape only
     assert (q.lambda_oh, q.lambda_ie, q.lambda_a, q.lr_g, q.lr_s, q.bn_eps_hidden) == (1.0, 5.0, 0.1, 0.2, 2e-3, 0.8)
-    assert q.paper_batch_size == 0
+    assert q.paper_batch_size == 0 and q.schedule == "cosine" and (q.ngf, q.batch_size) == (8, 128)
     assert set(cls.search_space) == {"lambda_oh", "lambda_ie", "lambda_a", "lr_g", "lr_s"}
     assert cls.collected_use.value == "none"
 
