@@ -31,13 +31,13 @@ from dataclasses import dataclass
 import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from torch import Tensor, nn
-from torchvision.utils import make_grid
 
 from .core.context import DistillContext
 from .core.generators import GeneratorA
 from .core.losses import l1_discrepancy
 from .core.method import CollectedUse, CommonHparams, Method
 from .core.registry import register
+from .core.samples import sample_grid
 from .core.schedules import Schedule, scheduler, sgd
 
 # CIFAR-10/100 recipe [code]: B 256, 25,000 iterations (500 epochs × 50), lr_S 0.1, wd 5e-4,
@@ -160,17 +160,6 @@ def build_generator(hp: DFADHparams, channels: int, size: int, device: torch.dev
     if hp.channels_last:
         generator = generator.to(memory_format=torch.channels_last)
     return generator
-
-
-@torch.no_grad()
-def sample_grid(ctx: DistillContext, generator: nn.Module, n: int, nz: int) -> Tensor:
-    """A uint8 (C, H, W) grid of ``n`` samples of G in eval mode, in pixel space clamped to [0, 1]."""
-    was = generator.training
-    generator.eval()
-    x = generator(torch.randn(n, nz, device=ctx.device)).float()
-    generator.train(was)
-    grid = make_grid(ctx.denormalize(x).clamp(0, 1), nrow=8, padding=2)
-    return grid.mul(255).round().to(torch.uint8).cpu()
 
 
 @register("dfad")
