@@ -57,7 +57,6 @@ class CMIHparams(InversionHparams):
 
     iterations: int = hp(40, ge=1)
     batch_size: int = hp(128, ge=1)
-    eval_every: int = hp(2, ge=1)
     g_steps: int = hp(200, ge=1)
     kd_steps: int = hp(2000, ge=1)
     milestones: tuple[float, ...] = hp((0.625, 0.75, 0.875), gt=0, lt=1)

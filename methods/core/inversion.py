@@ -172,7 +172,7 @@ class InversionHparams(CommonHparams):
     """The KD side shared by DI, ADI and CMI (spec §4.4 "KD"), with DeepInversion's defaults.
 
     ``iterations`` counts epochs (one synthesis round of ``b_syn`` images + ``kd_steps`` KD steps,
-    spec §1.2); ``eval_every`` is in epochs; ``batch_size`` is the KD batch.  ``milestones`` are
+    spec §1.2); ``eval_every`` is in epochs (default 1, one recipe epoch, spec §1.5); ``batch_size`` is the KD batch.  ``milestones`` are
     fractions of the epochs (120/150/180 of 200).  ``kd_crop_padding``: RandomCrop(size, padding)
     of the pool images in the KD steps (flip per the dataset's convention).  ``student_eval_in_synthesis``:
     the released code puts S in eval() during synthesis; by default S stays in train() with its
@@ -181,7 +181,7 @@ class InversionHparams(CommonHparams):
 
     iterations: int = hp(200, ge=1)
     batch_size: int = hp(256, ge=1)
-    eval_every: int = hp(10, ge=1)
+    eval_every: int = hp(1, ge=1)
     b_syn: int = hp(256, ge=1)
     g_steps: int = hp(2000, ge=1)
     kd_steps: int = hp(400, ge=1)
