@@ -256,7 +256,7 @@ def tiny_task(mnist: TaskData, n: int = 1000) -> TaskData:
 SHORT = {
     "deepinv": {"b_syn": 64, "g_steps": 40, "kd_steps": 40, "batch_size": 64},
     "adi": {"b_syn": 64, "g_steps": 40, "kd_steps": 40, "batch_size": 64},
-    "cmi": {"b_syn": 64, "g_steps": 20, "kd_steps": 40, "batch_size": 64, "n_neg": 64},
+    "cmi": {"b_syn": 64, "g_steps": 20, "kd_steps": 40, "batch_size": 64, "n_neg": 64, "ngf": 16},
 }
 
 
