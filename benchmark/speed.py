@@ -6,8 +6,11 @@
 A benchmark script, not a test.  It times ``distill`` itself (the method's real loop, including
 ``end_iteration``) on synthetic images of the dataset's shape, so no dataset is needed: the
 teacher is the cached one when ``--results`` holds it, otherwise a randomly initialised network of
-the dataset's default pair (LeNet-5 → LeNet-5-half for 1-channel data, ResNet-34 → ResNet-18
-otherwise).  Validation runs only after the last iteration, outside the timed window, and the
+the method's declared pair for the dataset (``default_pairs``, e.g. LeNet-5-BN → LeNet-5-half for
+the inversion methods), else the dataset's default pair (LeNet-5 → LeNet-5-half for 1-channel data,
+ResNet-34 → ResNet-18 otherwise).  Rates a method logs itself (metrics ending in ``_per_second``,
+e.g. DeepInversion's ``synthesis_images_per_second`` and ``kd_steps_per_second``) are printed too;
+they cover the whole run as the method measured it.  Validation runs only after the last iteration, outside the timed window, and the
 first ``--warmup`` iterations (allocation, ``torch.compile``) are not timed either.
 
 Variants (``--compare``, comma-separated; each a ``+``-joined list of ``key=value``, or ``base``):
@@ -75,6 +78,7 @@ class _Timer:
     def __init__(self, probe: dict[str, int]) -> None:
         self.probe = probe
         self.marks: list[tuple[int, float, int]] = []
+        self.rates: dict[str, float] = {}  # rates a method logs itself (e.g. synthesis_images_per_second)
 
     def on_start(self, info: dict[str, Any]) -> None:
         pass
@@ -83,7 +87,7 @@ class _Timer:
         self.marks.append((iteration, time.perf_counter(), self.probe["images"]))
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        pass
+        self.rates.update({k: v for k, v in metrics.items() if k.endswith("_per_second")})
 
     def on_artifact(self, name: str, value: Any) -> None:
         pass
@@ -176,6 +180,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         "batch_size": hparams.batch_size,
         "threads": torch.get_num_threads(),
         "teacher_source": teacher_source,
+        "method_rates": timer.rates,
     }
 
 
@@ -252,7 +257,7 @@ def main(method: str | None, profile: str, dataset: str, teacher: str | None, st
         if iterations <= warmup:
             raise DfkdError(f"--iterations {iterations} leaves nothing to time after --warmup {warmup}")
         spec = get_spec(dataset)
-        pair = default_pair(spec.channels)
+        pair = cls.default_pairs.get(dataset) or default_pair(spec.channels)
         variants = [parse_variant(v) for v in compare.split(",")]
         base = {
             "method": method, "profile": profile, "dataset": dataset, "teacher": teacher or pair[0],
@@ -287,6 +292,8 @@ def main(method: str | None, profile: str, dataset: str, teacher: str | None, st
             "speedup_vs_first": statistics.median(ratios),
             "per_round_seconds": secs,
             "threads": runs[name][0]["threads"],
+            "method_rates": {k: statistics.median(m["method_rates"][k] for m in runs[name])
+                             for k in runs[name][0]["method_rates"]},
         })
     meta = runs[first][0]
     header = {
@@ -306,6 +313,8 @@ def main(method: str | None, profile: str, dataset: str, teacher: str | None, st
         click.echo(f"{row['variant']:<34}{row['threads']:>8}{row['seconds_per_iteration']:>10.3f}"
                    f"{row['iterations_per_second']:>9.3f}{row['teacher_images_per_second']:>15,.0f}"
                    f"{row['speedup_vs_first']:>9.2f}x")
+        for key, value in row["method_rates"].items():
+            click.echo(f"{'':<4}{key} (whole run, as the method measured it): {value:,.2f}")
     click.echo(f"speed-up: median over rounds of the per-round ratio to {first!r} (same run, interleaved)")
 
 

@@ -47,13 +47,15 @@ class GeneratorA(nn.Module):
 
     Linear(nz → 2ngf·(s/4)²) → reshape → BN; ×2 → Conv3×3(2ngf→2ngf) → BN → LeakyReLU(0.2);
     ×2 → Conv3×3(2ngf→ngf) → BN → LeakyReLU(0.2); Conv3×3(ngf→nc) → tanh → BN(nc, affine=False).
-    Variants: ``bn_eps_hidden = 0.8`` (DAFL), ``final_tanh = False`` (ZSKT).
+    Variants: ``bn_eps_hidden = 0.8`` (DAFL), ``final_tanh = False`` (ZSKT), ``pixel_output = True``
+    (CMI, spec §4.6: Conv3×3 → sigmoid, an image in [0, 1] pixel space instead of tanh → BN).
     ``fused_upsample``: compute each ×2 → Conv3×3 with :func:`up2_conv3x3` (same function and
     parameters, about half the work; off by default).
     """
 
     def __init__(self, nz: int = 100, ngf: int = 64, nc: int = 1, size: int = 32,
-                 bn_eps_hidden: float = 1e-5, final_tanh: bool = True, fused_upsample: bool = False) -> None:
+                 bn_eps_hidden: float = 1e-5, final_tanh: bool = True, fused_upsample: bool = False,
+                 pixel_output: bool = False) -> None:
         super().__init__()
         self.nz = nz
         self.init_size = size // 4
@@ -69,6 +71,7 @@ class GeneratorA(nn.Module):
         self.up = nn.Upsample(scale_factor=2, mode="nearest")
         self.act = nn.LeakyReLU(0.2, inplace=True)
         self.fused_upsample = fused_upsample
+        self.pixel_output = pixel_output
 
     def forward(self, z: Tensor) -> Tensor:
         x = self.fc(z).view(z.shape[0], -1, self.init_size, self.init_size)
@@ -80,6 +83,8 @@ class GeneratorA(nn.Module):
             x = self.act(self.bn1(self.conv1(self.up(x))))
             x = self.act(self.bn2(self.conv2(self.up(x))))
         x = self.conv3(x)
+        if self.pixel_output:
+            return torch.sigmoid(x)
         if self.final_tanh:
             x = x.tanh()
         return self.bn_out(x)

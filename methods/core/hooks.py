@@ -94,3 +94,43 @@ class BNStatisticsLoss:
         total = torch.stack(self._terms).sum()
         self._terms.clear()
         return total
+
+
+class BNInputMeans:
+    """Per-instance, per-channel spatial means of the inputs of the teacher's BatchNorm2d layers (CMI, spec §4.6).
+
+    Inside :meth:`capture`, every forward appends one (B, Σ_l C_l) feature: the inputs of all BN
+    layers averaged over (H, W) and concatenated in layer order (CMI's instance feature).  Like
+    :class:`BNStatisticsLoss`, the hooks exist only inside the block.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        self.layers = batchnorm_layers(net)
+        self._means: list[Tensor] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[BNInputMeans]:
+        """Register the hooks for the forwards inside this block, then remove them."""
+        if self._handles:
+            raise RuntimeError("BNInputMeans.capture() is not re-entrant")
+        self._means.clear()
+        for layer in self.layers:
+            self._handles.append(layer.register_forward_hook(self._hook))
+        try:
+            yield self
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+
+    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
+        self._means.append(inputs[0].float().mean(dim=(2, 3)))
+
+    def features(self) -> Tensor:
+        """The (B, Σ_l C_l) instance features of the one forward recorded since the last call; clears the record."""
+        if len(self._means) != len(self.layers):
+            raise RuntimeError(f"expected one forward through {len(self.layers)} BN layers, recorded {len(self._means)}")
+        out = torch.cat(self._means, dim=1)
+        self._means.clear()
+        return out
