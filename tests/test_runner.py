@@ -23,7 +23,7 @@ from torchvision.utils import make_grid
 
 from benchmark import tracking
 from benchmark.cli import main
-from benchmark.grid import BUILTIN_PAIRS, GridError, expand, load_grid, parse_grid
+from benchmark.grid import GridError, expand, load_grid, parse_grid
 from benchmark.runner import run_grid
 from benchmark.settings import Settings
 from benchmark.workqueue import open_storage
