@@ -51,7 +51,10 @@ class KDReal(Method):
         "tau": CategoricalDistribution([1.0, 2.0, 4.0, 8.0]),
     }
     profiles = {
-        "quick": {"*": {"iterations": 2000, "eval_every": 200}},
+        # MNIST quick = the full MNIST recipe (spec §4.1): the upper bound must not be handicapped by a
+        # short budget (at 2,000 steps it fell below KD-collected with 1,000 examples).  Other datasets:
+        # 2,000 steps.
+        "quick": {"mnist": {}, "fashion-mnist": {}, "*": {"iterations": 2000, "eval_every": 200}},
         "paper": {"mnist": {}, "fashion-mnist": {}, "cifar10": CIFAR_PAPER, "cifar100": CIFAR_PAPER},
     }
 

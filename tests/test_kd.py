@@ -63,3 +63,14 @@ def test_kd_collected_learns_from_100_examples(mnist, lenet5_teacher, objective)
     if objective == "simkd":
         assert isinstance(result.predictor, SharedHeadPredictor)
         assert not any(p.requires_grad for p in result.predictor.teacher_head.parameters())
+
+
+def test_kd_real_quick_profile_is_the_full_mnist_recipe():
+    # spec §4.1, MNIST: SGD 0.01, momentum 0.9, wd 5e-4, B 128, 20 epochs, cosine, τ 4, no CE; the quick
+    # profile (the default grid's upper bound) is that recipe in full.  54,000 train-core images / 128 = 422 steps.
+    from methods import get_method
+
+    for profile in ("quick", "paper"):
+        hp = get_method("kd-real").resolve_hparams(profile, "mnist")
+        assert (hp.lr, hp.momentum, hp.weight_decay, hp.batch_size, hp.schedule) == (0.01, 0.9, 5e-4, 128, "cosine")
+        assert (hp.iterations, hp.tau, hp.ce_weight) == (20 * 422, 4.0, 0.0)

@@ -23,7 +23,7 @@ from torchvision.utils import make_grid
 
 from benchmark import tracking
 from benchmark.cli import main
-from benchmark.grid import BUILTIN_PAIRS, GridError, expand, load_grid, parse_grid
+from benchmark.grid import GridError, expand, load_grid, parse_grid
 from benchmark.runner import run_grid
 from benchmark.settings import Settings
 from benchmark.workqueue import open_storage
@@ -170,7 +170,7 @@ def test_grid_file_errors(tmp_path: Path) -> None:
 
 
 def test_packaged_grids_parse() -> None:
-    for name in ("default", "smoke", "mnist-seeds", "mnist-bn", "mnist-collected-sweep", "mnist-paper"):
+    for name in ("default", "smoke", "mnist-seeds", "mnist-quick-seeds", "mnist-bn", "mnist-collected-sweep", "mnist-paper"):
         plan = expand(load_grid(name))
         assert plan.cells and plan.grid.name == name
 
@@ -201,9 +201,9 @@ def test_cells_resolve_overrides_pairs_and_skips() -> None:
     assert expand(grid.with_iterations(31)).cells[0].cell_id != first.cell_id
 
 
-def test_default_grid_dry_run_lists_every_method_and_the_budgets_that_fit(tmp_path: Path, monkeypatch) -> None:
-    kd_real = get_method("kd-real")
-    monkeypatch.setattr(kd_real, "default_pairs", {"mnist": ("lenet5-bn", "lenet5-half")})
+def test_default_grid_dry_run_lists_every_method_and_the_budgets_that_fit(tmp_path: Path) -> None:
+    # The default grid runs every method on one pair, MNIST lenet5-bn -> lenet5-half (spec §2.1), whatever
+    # pair a method would prefer; the expected pair is written here, not read from the grid or the methods.
     result = CliRunner().invoke(main, ["run", "--grid", "--dry-run", "--json", "--results", str(tmp_path)])
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
@@ -213,20 +213,30 @@ def test_default_grid_dry_run_lists_every_method_and_the_budgets_that_fit(tmp_pa
     expected, skipped = [], []
     for name in method_names():
         cls = get_method(name)
-        teacher, student = dict(cls.default_pairs).get("mnist", BUILTIN_PAIRS["mnist"])
         for collected in (0, 100, 1000):
-            row = (name, "mnist", teacher, student, collected, 0, "quick")
+            row = (name, "mnist", "lenet5-bn", "lenet5-half", collected, 0, "quick")
             (expected if collected in fits[cls.collected_use] else skipped).append(row)
     cells = [(c["method"], c["dataset"], c["teacher"], c["student"], c["budget"]["collected"], c["seed"], c["profile"])
              for c in out["cells"]]
     assert cells == expected
-    assert ("kd-real", "mnist", "lenet5-bn", "lenet5-half", 0, 0, "quick") in cells
+    assert {(c["teacher"], c["student"]) for c in out["cells"]} == {("lenet5-bn", "lenet5-half")}
     assert [(s["method"], s["collected"]) for s in out["skipped"]] == [(r[0], r[4]) for r in skipped]
     assert all(s["reason"] for s in out["skipped"])
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "queue.db").exists()  # a dry run writes nothing
     text = CliRunner().invoke(main, ["run", "--grid", "--dry-run", "--results", str(tmp_path)]).output
     assert "skipped:" in text and "kd-real mnist lenet5-bn->lenet5-half c100 s0: method 'kd-real' trains on the labelled training set" in text
-    assert "teacher mnist/lenet5 is not cached: it will be trained first" in text
+    assert "teacher mnist/lenet5-bn is not cached: it will be trained first" in text
+    assert "teacher mnist/lenet5 is not cached" not in text  # one teacher to train
+
+
+def test_quick_seeds_grid_is_the_default_grid_times_three_seeds() -> None:
+    default, seeds = expand(load_grid("default")), expand(load_grid("mnist-quick-seeds"))
+    def key(c):  # everything but the seed
+        return (c.spec.method, c.spec.dataset, c.pair, c.spec.budget.collected, c.spec.profile, c.hparams)
+
+    assert sorted({c.spec.seed for c in seeds.cells}) == [0, 1, 2]
+    for seed in (0, 1, 2):
+        assert [key(c) for c in seeds.cells if c.spec.seed == seed] == [key(c) for c in default.cells]
 
 
 # ----------------------------------------------------------------------------- end to end
