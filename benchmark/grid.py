@@ -48,7 +48,7 @@ import yaml
 
 from methods.core.api import Budget
 from methods.core.errors import BudgetError, DfkdError, PairError
-from methods.core.method import coerce_overrides
+from methods.core.method import coerce_overrides, validate_hparams
 from methods.core.registry import get_method, method_names
 
 from . import zoo
@@ -551,10 +551,7 @@ def _methods(value: Any, where: str, grid_profile: str) -> tuple[tuple[MethodEnt
         overrides = item.get("overrides") or {}
         if not isinstance(overrides, Mapping):
             raise GridError(f"{at}.overrides: expected a mapping of hyperparameter: value")
-        try:
-            coerced = coerce_overrides(cls.Hparams, overrides, name)
-        except DfkdError as error:
-            raise GridError(f"{at}.overrides: {error}") from None
+        coerced = _checked_overrides(cls, overrides, f"{at}.overrides")
         pairs: list[tuple[str, tuple[tuple[str, str], ...]]] = []
         raw_pairs = item.get("pairs") or {}
         if not isinstance(raw_pairs, Mapping):
@@ -590,6 +587,20 @@ def _methods(value: Any, where: str, grid_profile: str) -> tuple[tuple[MethodEnt
     return tuple(entries), all_methods
 
 
+def _checked_overrides(cls: Any, overrides: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Overrides typed against the method's dataclass and checked against the ranges declared with ``hp()``.
+
+    The same check ``--set`` and tuning samples get (:func:`~methods.core.method.validate_hparams`), here
+    at parse time so that the error names the grid entry.
+    """
+    try:
+        coerced = coerce_overrides(cls.Hparams, overrides, cls.name)
+        validate_hparams(dataclasses.replace(cls.Hparams(), **coerced), cls.name)
+    except DfkdError as error:
+        raise GridError(f"{where}: {error}") from None
+    return coerced
+
+
 def _sweep(value: Any, cls: Any, where: str) -> tuple[tuple[str, tuple[Any, ...]], ...]:
     """``sweep: {lambda_d: [0.1, 1, 10], collected: [100, 1000]}``: values checked like overrides."""
     if value is None:
@@ -604,10 +615,7 @@ def _sweep(value: Any, cls: Any, where: str) -> tuple[tuple[str, tuple[Any, ...]
         if name == "collected":
             checked = tuple(b.collected for b in _budgets(list(items), f"{where}.collected"))
         else:
-            try:
-                checked = tuple(coerce_overrides(cls.Hparams, {name: v}, cls.name)[name] for v in items)
-            except DfkdError as error:
-                raise GridError(f"{where}: {error}") from None
+            checked = tuple(_checked_overrides(cls, {name: v}, where)[name] for v in items)
         out.append((str(name), checked))
     return tuple(out)
 

@@ -428,7 +428,16 @@ def plot_samples(uri: str, results: Path, run_id: str | None, experiment: str | 
 
 
 def open_uri(results: Path, uri: str | None) -> str:
-    return tracking.resolve_tracking_uri(results, uri)
+    """The tracking URI to read results from; a one-line error when its SQLite file does not exist.
+
+    Tables and figures only read the store: opening a missing SQLite file would create an empty
+    ``mlflow.db`` (a refused command writes nothing).
+    """
+    resolved = tracking.resolve_tracking_uri(results, uri)
+    if resolved.startswith("sqlite:///") and not Path(resolved[len("sqlite:///"):]).is_file():
+        raise DfkdError(f"no MLflow store at {resolved[len('sqlite:///'):]}; run a grid (dfkd-bench run --grid) or "
+                        "a study (dfkd-bench tune) first, or give --tracking-uri / --results")
+    return resolved
 
 
 def client_for(uri: str) -> MlflowClient:

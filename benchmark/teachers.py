@@ -13,6 +13,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import pickle
 import shutil
 import time
 from collections.abc import Callable
@@ -181,7 +182,15 @@ def load_teacher(results: Path, dataset: str, arch: str) -> tuple[nn.Module, dic
             f"retrain with: {_train_command(dataset, arch, force=True)}"
         )
     model = zoo.build(arch, manifest["num_classes"], manifest["in_channels"])
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    try:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, KeyError, AttributeError) as error:
+        # weights_only=True refuses pickles that carry code; a wrong state dict fails load_state_dict.
+        raise DfkdError(
+            f"cached teacher {dataset}/{arch} ({weights}) is not a plain state dict of {arch} "
+            f"(torch.load(weights_only=True) / load_state_dict: {type(error).__name__}); "
+            f"retrain with: {_train_command(dataset, arch, force=True)}"
+        ) from None
     return model.eval(), manifest
 
 

@@ -37,7 +37,7 @@ from .core.context import DistillContext
 from .core.generators import GeneratorD
 from .core.hooks import BNStatisticsLoss
 from .core.losses import cross_entropy, l1_discrepancy
-from .core.method import CommonHparams, Method
+from .core.method import CommonHparams, Method, hp
 from .core.registry import register
 from .core.schedules import scheduler, sgd
 
@@ -48,23 +48,23 @@ CIFAR_MILESTONES = (0.2, 0.4)  # iterations 5k and 10k of 25k (DFAD, spec §3.1)
 class CGDDHparams(CommonHparams):
     """Defaults: DFAD's MNIST recipe (spec §3.1); CIFAR values come from the ``paper`` profile."""
 
-    iterations: int = 2000
-    batch_size: int = 512
-    eval_every: int = 50
-    nz: int = 100
-    ngf: int = 64
-    s_steps: int = 5  # k
-    lambda_ce: float = 1.0  # G: teacher CE on the preset label
-    lambda_adv: float = 1.0  # G: −L1 discrepancy
-    lambda_bn: float = 0.0  # G: teacher BN statistics (optional prior)
-    lambda_at: float = 250.0  # S: attention transfer
-    lambda_sce: float = 0.0  # S: CE on the preset label (optional)
-    lr_s: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_g: float = 1e-3
+    iterations: int = hp(2000, ge=1)
+    batch_size: int = hp(512, ge=1)
+    eval_every: int = hp(50, ge=1)
+    nz: int = hp(100, ge=1)
+    ngf: int = hp(64, ge=1)
+    s_steps: int = hp(5, ge=1)  # k
+    lambda_ce: float = hp(1.0, ge=0)  # G: teacher CE on the preset label
+    lambda_adv: float = hp(1.0, ge=0)  # G: −L1 discrepancy
+    lambda_bn: float = hp(0.0, ge=0)  # G: teacher BN statistics (optional prior)
+    lambda_at: float = hp(250.0, ge=0)  # S: attention transfer
+    lambda_sce: float = hp(0.0, ge=0)  # S: CE on the preset label (optional)
+    lr_s: float = hp(0.01, ge=0)
+    momentum: float = hp(0.9, ge=0, lt=1)
+    weight_decay: float = hp(1e-4, ge=0)
+    lr_g: float = hp(1e-3, ge=0)
     schedule: Literal["none", "multistep"] = "none"  # multistep ×0.1 at ``milestones``, S and G
-    milestones: tuple[float, ...] = CIFAR_MILESTONES
+    milestones: tuple[float, ...] = hp(CIFAR_MILESTONES, ge=0, le=1)
 
 
 _CIFAR_PAPER = {"nz": 256, "batch_size": 256, "iterations": 25_000, "lr_s": 0.1, "weight_decay": 5e-4,

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from .core.context import DistillContext
 from .core.generators import GeneratorA
 from .core.losses import l1_discrepancy
-from .core.method import CollectedUse, CommonHparams, Method
+from .core.method import CollectedUse, CommonHparams, Method, hp
 from .core.registry import register
 from .core.samples import sample_grid
 from .core.schedules import Schedule, scheduler, sgd
@@ -71,24 +71,24 @@ class DFADHparams(CommonHparams):
     what ``no_grad`` saves).  ``samples``: images in the final sample grid.
     """
 
-    iterations: int = 2_000
-    batch_size: int = 512
-    eval_every: int = 50
-    student_steps: int = 5
-    nz: int = 100
-    ngf: int = 64
-    lr_s: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_g: float = 1e-3
+    iterations: int = hp(2_000, ge=1)
+    batch_size: int = hp(512, ge=1)
+    eval_every: int = hp(50, ge=1)
+    student_steps: int = hp(5, ge=1)
+    nz: int = hp(100, ge=1)
+    ngf: int = hp(64, ge=1)
+    lr_s: float = hp(0.01, ge=0)
+    momentum: float = hp(0.9, ge=0, lt=1)
+    weight_decay: float = hp(1e-4, ge=0)
+    lr_g: float = hp(1e-3, ge=0)
     schedule: Schedule = "none"
-    milestones: tuple[float, ...] = ()
-    gamma: float = 0.1
+    milestones: tuple[float, ...] = hp((), ge=0, le=1)
+    gamma: float = hp(0.1, gt=0, le=1)
     fused_upsample: bool = True
     channels_last: bool = False
     compile: bool = False
     imitation_graph: bool = False
-    samples: int = 64
+    samples: int = hp(64, ge=1)
 
 
 # ----------------------------------------------------------------------------- losses (spec §3.1)

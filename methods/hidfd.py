@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from .core.errors import DfkdError
 from .core.images import ImageSet
 from .core.losses import batch_mean_entropy_terms, cross_entropy
 from .core.meters import LossMeter
-from .core.method import CollectedUse, CommonHparams, Method
+from .core.method import CollectedUse, CommonHparams, Method, hp
 from .core.registry import register
 from .core.schedules import Schedule
 from .core.student_stage import (
@@ -140,58 +140,48 @@ class HiDFDHparams(CommonHparams):
     """
 
     # stage 3: student (= KD-collected's recipe)
-    iterations: int = 62_500
-    batch_size: int = 64
-    eval_every: int = 1_563
-    lr: float | None = None  # None: 0.05 (the paper's, simkd) or 0.01 for kd, as KD-collected
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    iterations: int = hp(62_500, ge=1)
+    batch_size: int = hp(64, ge=1)
+    eval_every: int = hp(1_563, ge=1)
+    lr: float | None = hp(None, gt=0)  # None: 0.05 (the paper's, simkd) or 0.01 for kd, as KD-collected
+    momentum: float = hp(0.9, ge=0, lt=1)
+    weight_decay: float = hp(5e-4, ge=0)
     schedule: Schedule = "multistep"
-    milestones: tuple[float, ...] = STEP_MILESTONES
-    inflation: int = 10  # N: X_c repeated N times in the student set
+    milestones: tuple[float, ...] = hp(STEP_MILESTONES, ge=0, le=1)
+    inflation: int = hp(10, ge=0)  # N: X_c repeated N times in the student set
     # simkd (the paper): backbone + projector + teacher head is deployed; kd: the bare student with
     # τ-KD on the same inflated set, to compare at the data-free methods' deployed size (spec §4.2).
     objective: Literal["simkd", "kd"] = "simkd"
-    tau: float = 4.0
+    tau: float = hp(4.0, gt=0)
     # stage 2: synthesis
-    n_synth: int = 50_000
+    n_synth: int = hp(50_000, ge=0)
     synth_use_ema: bool = True  # False = the released code (samples from G)
     # stage 1: GAN
-    gan_iterations: int = 10_000
-    gan_batch_size: int = 100
-    gan_ch: int = 64  # BigGAN width = 4·ch
-    nz: int = 128
-    gan_lr: float = 2e-4
-    gan_beta1: float = 0.0
-    gan_beta2: float = 0.999
-    lambda_d: float = 0.1  # feature integration (D)
-    lambda_g: float = 0.1  # category-frequency smoothing (G)
-    lambda_adc: float = 1.0
+    gan_iterations: int = hp(10_000, ge=1)
+    gan_batch_size: int = hp(100, ge=1)
+    gan_ch: int = hp(64, ge=1)  # BigGAN width = 4·ch
+    nz: int = hp(128, ge=1)
+    gan_lr: float = hp(2e-4, ge=0)
+    gan_beta1: float = hp(0.0, ge=0, lt=1)
+    gan_beta2: float = hp(0.999, ge=0, lt=1)
+    lambda_d: float = hp(0.1, ge=0)  # feature integration (D)
+    lambda_g: float = hp(0.1, ge=0)  # category-frequency smoothing (G)
+    lambda_adc: float = hp(1.0, ge=0)
     fi_terms: FiTerms = "all"
-    cfs_k: int = 100  # K: G steps between CFS weight updates
-    cfs_beta: float = 0.99
-    cfs_decay: float = 0.5
-    cfs_init: float = 50.0
+    cfs_k: int = hp(100, ge=1)  # K: G steps between CFS weight updates
+    cfs_beta: float = hp(0.99, gt=0, lt=1)
+    cfs_decay: float = hp(0.5, ge=0, le=1)
+    cfs_init: float = hp(50.0, gt=0)
     cfs_static: bool = False  # True = the released code (weights never updated)
-    ema_decay: float = 0.9999
-    ema_start: int = 1_000  # plain copy of G until this GAN iteration
-    gan_log_every: int = 500
+    ema_decay: float = hp(0.9999, ge=0, lt=1)
+    ema_start: int = hp(1_000, ge=0)  # plain copy of G until this GAN iteration
+    gan_log_every: int = hp(500, ge=1)
 
     def __post_init__(self) -> None:
-        checks = {
-            "inflation": self.inflation >= 0,
-            "n_synth": self.n_synth >= 0 and self.inflation + self.n_synth > 0,
-            "gan_iterations": self.gan_iterations >= 1,
-            "gan_batch_size": self.gan_batch_size >= 1,
-            "gan_ch": self.gan_ch >= 1,
-            "cfs_k": self.cfs_k >= 1,
-            "cfs_beta": 0.0 < self.cfs_beta < 1.0,
-            "ema_decay": 0.0 <= self.ema_decay < 1.0,
-            "gan_log_every": self.gan_log_every >= 1,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise DfkdError(f"bad value {getattr(self, name)!r} for {name!r} of method 'hidfd'")
+        # Per-field ranges are declared with hp() above and checked centrally; this is the one cross-field rule.
+        if self.inflation + self.n_synth <= 0:
+            raise DfkdError(f"bad values inflation={self.inflation} and n_synth={self.n_synth} of method 'hidfd'; "
+                            "allowed: inflation + n_synth > 0 (the student set would be empty)")
 
 
 CIFAR_PAPER = {"iterations": 375_000, "gan_iterations": 20_000}
@@ -289,6 +279,55 @@ def teacher_feature_dim(ctx: DistillContext) -> int:
         return ctx.teacher.net.features(probe).vec.shape[1]
 
 
+def discriminator_step(ctx: DistillContext, G: torch.nn.Module, D: torch.nn.Module, opt_d: torch.optim.Optimizer,
+                       x_r: Tensor, y_r: Tensor, phi_r: Tensor, hp: HiDFDHparams) -> tuple[dict[str, Tensor], Any]:
+    """Update order (1): one D step on L_hinge^D + λ_adc·L_ADC^D + λ_d·L_FI (spec §3.2).
+
+    B real pairs (no augmentation) and B fakes from G, which only provides samples (no_grad, as φ_T).
+    Returns the loss terms (detached graph roots, on device) and D's output on [x_r; x_f].
+    """
+    B, dev = x_r.shape[0], x_r.device
+    y_f = torch.randint(0, ctx.num_classes, (hp.gan_batch_size,), device=dev)
+    with ctx.autocast():
+        with torch.no_grad():
+            x_f = G(torch.randn(hp.gan_batch_size, hp.nz, device=dev), y_f)
+            phi_f = ctx.teacher.features(x_f).vec
+        out = D(torch.cat([x_r, x_f]))
+        loss_hinge_d = hinge_d_loss(out.adv[:B], out.adv[B:])
+        loss_adc_d = adc_d_loss(out.adc[:B], y_r, out.adc[B:], y_f)
+        loss_fi = feature_integration_loss(phi_r, phi_f, out.fi[:B], out.fi[B:], hp.fi_terms)
+        loss_d = loss_hinge_d + hp.lambda_adc * loss_adc_d + hp.lambda_d * loss_fi
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+    return {"loss_d": loss_d, "hinge_d": loss_hinge_d, "adc_d": loss_adc_d, "fi": loss_fi}, out
+
+
+def generator_step(ctx: DistillContext, G: torch.nn.Module, D: torch.nn.Module, opt_g: torch.optim.Optimizer,
+                   cfs_weights: Tensor, hp: HiDFDHparams) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Update order (2): one G step on fresh z, y_f: L_hinge^G + λ_adc·L_ADC^G + λ_g·L_CFS (spec §3.2).
+
+    D is frozen and passes gradient (its parameter gradients are re-enabled afterwards); T is frozen
+    and passes gradient to L_CFS.  Returns the loss terms, the teacher's logits and y_f (for CFS).
+    """
+    dev = cfs_weights.device
+    y_f = torch.randint(0, ctx.num_classes, (hp.gan_batch_size,), device=dev)
+    D.requires_grad_(False)
+    with ctx.autocast():
+        x_f = G(torch.randn(hp.gan_batch_size, hp.nz, device=dev), y_f)
+        out_f = D(x_f)
+        t_logits = ctx.teacher(x_f)
+        loss_hinge_g = hinge_g_loss(out_f.adv)
+        loss_adc_g = adc_g_loss(out_f.adc, y_f)
+        loss_cfs = cfs_loss(t_logits, cfs_weights)
+        loss_g = loss_hinge_g + hp.lambda_adc * loss_adc_g + hp.lambda_g * loss_cfs
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    D.requires_grad_(True)
+    return {"loss_g": loss_g, "hinge_g": loss_hinge_g, "adc_g": loss_adc_g, "cfs": loss_cfs}, t_logits, y_f
+
+
 def train_gan(ctx: DistillContext, hp: HiDFDHparams, real: ImageSet) -> torch.nn.Module:
     """Stage 1: the teacher-guided ADC-GAN with feature integration and CFS; returns the sampling generator."""
     dev, num_classes = ctx.device, ctx.num_classes
@@ -312,44 +351,13 @@ def train_gan(ctx: DistillContext, hp: HiDFDHparams, real: ImageSet) -> torch.nn
 
     y_real_all, phi_real_all = teacher_targets(ctx, real)
     sampler = real.sampler(hp.gan_batch_size)
-    B = hp.gan_batch_size
     meter = LossMeter()
     started = time.perf_counter()
 
     for it in range(1, hp.gan_iterations + 1):
-        # (1) D step: B real pairs (no augmentation) and B fakes from G (only provides samples).
         idx = sampler.next()
-        x_r, y_r, phi_r = real.batch(idx), y_real_all[idx], phi_real_all[idx]
-        y_f = torch.randint(0, num_classes, (B,), device=dev)
-        with ctx.autocast():
-            with torch.no_grad():
-                x_f = G(torch.randn(B, hp.nz, device=dev), y_f)
-                phi_f = ctx.teacher.features(x_f).vec
-            out = D(torch.cat([x_r, x_f]))
-            n = x_r.shape[0]
-            loss_hinge_d = hinge_d_loss(out.adv[:n], out.adv[n:])
-            loss_adc_d = adc_d_loss(out.adc[:n], y_r, out.adc[n:], y_f)
-            loss_fi = feature_integration_loss(phi_r, phi_f, out.fi[:n], out.fi[n:], hp.fi_terms)
-            loss_d = loss_hinge_d + hp.lambda_adc * loss_adc_d + hp.lambda_d * loss_fi
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
-
-        # (2) G step on fresh z, y_f; D frozen (passes gradient), T frozen (passes gradient to L_CFS).
-        y_f = torch.randint(0, num_classes, (B,), device=dev)
-        D.requires_grad_(False)
-        with ctx.autocast():
-            x_f = G(torch.randn(B, hp.nz, device=dev), y_f)
-            out_f = D(x_f)
-            t_logits = ctx.teacher(x_f)
-            loss_hinge_g = hinge_g_loss(out_f.adv)
-            loss_adc_g = adc_g_loss(out_f.adc, y_f)
-            loss_cfs = cfs_loss(t_logits, cfs.weights)
-            loss_g = loss_hinge_g + hp.lambda_adc * loss_adc_g + hp.lambda_g * loss_cfs
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        D.requires_grad_(True)
+        d_terms, out = discriminator_step(ctx, G, D, opt_d, real.batch(idx), y_real_all[idx], phi_real_all[idx], hp)
+        g_terms, t_logits, y_f = generator_step(ctx, G, D, opt_g, cfs.weights, hp)
 
         # (3) CFS accounting; weights updated every K G steps.  (4) EMA of G.
         cfs.observe(t_logits)
@@ -357,8 +365,7 @@ def train_gan(ctx: DistillContext, hp: HiDFDHparams, real: ImageSet) -> torch.nn
             cfs.update()
         ema.update(G, it)
 
-        for name, value in (("loss_d", loss_d), ("hinge_d", loss_hinge_d), ("adc_d", loss_adc_d), ("fi", loss_fi),
-                            ("loss_g", loss_g), ("hinge_g", loss_hinge_g), ("adc_g", loss_adc_g), ("cfs", loss_cfs),
+        for name, value in (*d_terms.items(), *g_terms.items(),
                             ("teacher_agrees", (t_logits.argmax(1) == y_f).float().mean()),
                             ("d_active", (out.h > 0).float().mean())):
             meter.add(name, value)

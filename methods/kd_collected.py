@@ -12,7 +12,7 @@ from typing import Literal
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from .core.context import DistillContext
-from .core.method import CollectedUse, CommonHparams, Method
+from .core.method import CollectedUse, CommonHparams, Method, hp
 from .core.registry import register
 from .core.schedules import Schedule
 from .core.student_stage import SIMKD_DEPLOYED, StudentStageConfig, hidfd_augment, student_lr, train_student
@@ -24,16 +24,16 @@ STEP_MILESTONES = (0.625, 0.75, 0.875)  # epochs 150 / 180 / 210 of 240
 class KDCollectedHparams(CommonHparams):
     """HiDFD's student recipe (spec §3.2, MNIST column): SGD 0.05, momentum 0.9, wd 5e-4, B 64, 62,500 steps."""
 
-    iterations: int = 62_500
-    batch_size: int = 64
-    eval_every: int = 1_563
+    iterations: int = hp(62_500, ge=1)
+    batch_size: int = hp(64, ge=1)
+    eval_every: int = hp(1_563, ge=1)
     objective: Literal["simkd", "kd"] = "simkd"
-    tau: float = 4.0
-    lr: float | None = None  # None: 0.05 for simkd, 0.01 for kd (see student_lr)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    tau: float = hp(4.0, gt=0)
+    lr: float | None = hp(None, gt=0)  # None: 0.05 for simkd, 0.01 for kd (see student_lr)
+    momentum: float = hp(0.9, ge=0, lt=1)
+    weight_decay: float = hp(5e-4, ge=0)
     schedule: Schedule = "multistep"
-    milestones: tuple[float, ...] = STEP_MILESTONES
+    milestones: tuple[float, ...] = hp(STEP_MILESTONES, ge=0, le=1)
 
 
 @register("kd-collected")

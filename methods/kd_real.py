@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from .core.context import DistillContext
-from .core.method import CollectedUse, CommonHparams, Method
+from .core.method import CollectedUse, CommonHparams, Method, hp
 from .core.registry import register
 from .core.schedules import Schedule
 from .core.student_stage import StudentStageConfig, train_student
@@ -25,16 +25,16 @@ CIFAR_PAPER = {
 class KDRealHparams(CommonHparams):
     """Spec §4.1, MNIST recipe: SGD 0.01, momentum 0.9, wd 5e-4, B 128, 20 epochs (in steps), cosine; τ 4."""
 
-    iterations: int = 20 * 422  # 20 epochs × ⌈54,000 / 128⌉
-    batch_size: int = 128
-    eval_every: int = 422  # one epoch
-    tau: float = 4.0
-    ce_weight: float = 0.0
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    iterations: int = hp(20 * 422, ge=1)  # 20 epochs × ⌈54,000 / 128⌉
+    batch_size: int = hp(128, ge=1)
+    eval_every: int = hp(422, ge=1)  # one epoch
+    tau: float = hp(4.0, gt=0)
+    ce_weight: float = hp(0.0, ge=0)
+    lr: float = hp(0.01, ge=0)
+    momentum: float = hp(0.9, ge=0, lt=1)
+    weight_decay: float = hp(5e-4, ge=0)
     schedule: Schedule = "cosine"
-    milestones: tuple[float, ...] = ()
+    milestones: tuple[float, ...] = hp((), ge=0, le=1)
 
 
 @register("kd-real")

@@ -23,7 +23,7 @@ from torchvision.utils import make_grid
 
 from benchmark import tracking
 from benchmark.cli import main
-from benchmark.grid import GridError, expand, load_grid, parse_grid
+from benchmark.grid import GridError, expand, load_grid, packaged_grids, parse_grid
 from benchmark.runner import run_grid
 from benchmark.settings import Settings
 from benchmark.workqueue import open_storage
@@ -135,6 +135,14 @@ GOOD = {"name": "g", "datasets": ["mnist"], "methods": ["kd-real"]}
         ({"methods": [{"name": "kd-real", "overrides": {"lrr": 1}}]},
          "methods[0].overrides: unknown hyperparameter 'lrr' for method 'kd-real'; allowed: batch_size"),
         ({"methods": [{"name": "kd-real", "overrides": {"lr": "fast"}}]}, "bad value 'fast' for 'lr'; expected a number"),
+        # grid overrides go through the same range check as --set (declared next to each default with hp())
+        ({"methods": [{"name": "kd-real", "overrides": {"lr": -0.1}}]},
+         "methods[0].overrides: bad value -0.1 for hyperparameter 'lr' of method 'kd-real'; allowed: >= 0"),
+        ({"methods": [{"name": "kd-real", "overrides": {"lr": float("nan")}}]}, "bad value nan for hyperparameter 'lr'"),
+        ({"methods": [{"name": "dfad", "overrides": {"batch_size": 0}}]},
+         "bad value 0 for hyperparameter 'batch_size' of method 'dfad'; allowed: >= 1"),
+        ({"methods": [{"name": "dfad", "overrides": {"student_steps": 0}}]},
+         "bad value 0 for hyperparameter 'student_steps' of method 'dfad'; allowed: >= 1"),
         ({"methods": [{"name": "kd-real", "profile": "slow"}]},
          "methods[0].profile: unknown profile 'slow' for method 'kd-real'; allowed: quick, paper"),
         ({"methods": ["kd-real", "kd-real"]}, "method 'kd-real' listed twice"),
@@ -170,7 +178,10 @@ def test_grid_file_errors(tmp_path: Path) -> None:
 
 
 def test_packaged_grids_parse() -> None:
-    for name in ("default", "smoke", "mnist-seeds", "mnist-quick-seeds", "mnist-bn", "mnist-collected-sweep", "mnist-paper"):
+    # Every grid the package ships, not a hand-picked list: a new grid file that does not parse fails here.
+    names = sorted(packaged_grids())
+    assert {"default", "smoke", "mnist-paper"} <= set(names)
+    for name in names:
         plan = expand(load_grid(name))
         assert plan.cells and plan.grid.name == name
 
@@ -340,18 +351,61 @@ budgets: [0, 100]
 datasets: [mnist]
 methods:
   - {name: kd-collected, iterations: 20, overrides: {objective: kd}}
-  - {name: kd-real, iterations: 600, overrides: {eval_every: 200}}
+  - toy-wait
 """
 
 
+class Waiting(Method):
+    """Touches ``<DFKD_TEST_EVENTS>/started`` once running, then blocks until the test creates ``release``.
+
+    The crash test signals the process while this cell is provably running: no race between a training
+    loop and the wall clock.
+    """
+
+    Hparams = ToyHparams
+    collected_use = CollectedUse.NONE
+
+    def run(self, ctx: DistillContext) -> None:
+        events = Path(os.environ["DFKD_TEST_EVENTS"])
+        ctx.watch(ctx.student)
+        (events / "started").touch()
+        while not (events / "release").exists():
+            time.sleep(0.05)
+        for i in range(1, ctx.iterations + 1):
+            ctx.end_iteration(i)
+
+
+WAITING_MAIN = """\
+import sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+import test_runner
+from methods.core import registry
+registry.register("toy-wait")(test_runner.Waiting)
+from benchmark.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.fixture
+def waiting_method(tmp_path: Path, monkeypatch):
+    events = tmp_path / "events"
+    events.mkdir()
+    monkeypatch.setenv("DFKD_TEST_EVENTS", str(events))
+    registry.register("toy-wait")(Waiting)
+    yield events
+    registry._REGISTRY.pop("toy-wait", None)
+
+
 class Command:
-    """``dfkd-bench run`` in a subprocess, its output read line by line in a thread."""
+    """``dfkd-bench run`` (with the ``toy-wait`` method registered) in a subprocess, its output read in a thread."""
 
     def __init__(self, grid: Path, results: Path, data_root: Path) -> None:
         env = {**os.environ, "DFKD_DATA": str(data_root), "OMP_NUM_THREADS": "1"}
         env.pop("MLFLOW_TRACKING_URI", None)
+        script = grid.parent / "run_with_toy_wait.py"
+        script.write_text(WAITING_MAIN.format(repo=str(REPO), tests=str(REPO / "tests")))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmark", "run", "--grid", str(grid), "--results", str(results), "--device", "cpu",
+            [sys.executable, str(script), "run", "--grid", str(grid), "--results", str(results), "--device", "cpu",
              "--heartbeat", "1"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
@@ -362,53 +416,56 @@ class Command:
         for line in self.proc.stdout:
             self.lines.put(line)
 
-    def wait_for(self, text: str, timeout: float) -> None:
+    def wait_for_file(self, path: Path, timeout: float) -> None:
+        """Until ``path`` exists (the event the toy method sets); fails early if the process ends first."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            try:
-                line = self.lines.get(timeout=0.5)
-            except queue.Empty:
-                if self.proc.poll() is not None and self.lines.empty():
-                    break
-                continue
-            self.seen.append(line)
-            if text in line:
+            if path.exists():
                 return
-        raise AssertionError(f"no line with {text!r}; output:\n{''.join(self.seen)[-3000:]}")
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        raise AssertionError(f"{path.name} never appeared; output:\n{''.join(self.seen)[-3000:]}")
 
     def finish(self, timeout: float) -> int:
         return self.proc.wait(timeout=timeout)
 
 
-def _running_kd_real(results: Path):
+def _running_toy_wait(results: Path):
     client = client_for(results)
     exp = tracking.find_experiment(client, "crash")
-    runs = tracking.search(client, exp, "tags.method = 'kd-real' and attributes.status = 'RUNNING'") if exp else []
+    runs = tracking.search(client, exp, "tags.method = 'toy-wait' and attributes.status = 'RUNNING'") if exp else []
     return runs[0] if runs else None
 
 
 @pytest.mark.slow
-def test_sigterm_and_sigkill_then_resume(tmp_path: Path, results: Path, data_root: Path) -> None:
+def test_sigterm_and_sigkill_then_resume(tmp_path: Path, results: Path, data_root: Path, waiting_method: Path) -> None:
     grid = write_grid(tmp_path, CRASH)
     plan = expand(load_grid(grid))
-    # SIGTERM: the running cell is marked KILLED at once and the command exits 130.
+    assert [c.spec.method for c in plan.cells] == ["kd-collected", "toy-wait"]
+    started = waiting_method / "started"
+    # SIGTERM while the toy-wait cell is blocked (it cannot finish before the test releases it): the running
+    # cell is marked KILLED at once and the command exits 130.
     command = Command(grid, results, data_root)
-    command.wait_for("start  kd-real", 300)
-    first = _wait_for(lambda: _running_kd_real(results), 60, "the kd-real run")
+    command.wait_for_file(started, 300)
+    first = _wait_for(lambda: _running_toy_wait(results), 60, "the toy-wait run")
     command.proc.send_signal(signal.SIGTERM)
     assert command.finish(120) == 130
     client = client_for(results)
     assert client.get_run(first.info.run_id).info.status == "KILLED"
     # SIGKILL: nothing can clean up; the run is left RUNNING.
+    started.unlink()
     command = Command(grid, results, data_root)
-    command.wait_for("start  kd-real", 300)
-    second = _wait_for(lambda: _running_kd_real(results), 60, "the kd-real run to restart")
+    command.wait_for_file(started, 300)
+    second = _wait_for(lambda: _running_toy_wait(results), 60, "the toy-wait run to restart")
     command.proc.kill()
     command.finish(60)
     assert client.get_run(second.info.run_id).info.status == "RUNNING"
-    # Resume: the stale run is marked KILLED (after the heartbeat grace), the cell re-runs, and the
-    # kd-collected cell finished by the first process is neither lost nor duplicated.
-    assert plan.cells[1].spec.method == "kd-real"
+    # Resume (the cell released now): the stale run is marked KILLED (after the heartbeat grace), the cell
+    # re-runs, and the kd-collected cell finished by the first process is neither lost nor duplicated.
+    (waiting_method / "release").touch()
     outcome = run_grid(plan, settings_for(results, data_root), heartbeat=1, echo=lambda line: None)
     assert outcome.exit_code == 0, [(r.cell.label, r.status, r.error) for r in outcome.rows]
     assert client.get_run(second.info.run_id).info.status == "KILLED"
