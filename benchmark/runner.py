@@ -40,12 +40,13 @@ from methods.core.api import TaskData
 from methods.core.context import BaseCallback
 from methods.core.errors import DfkdError
 
-from . import tracking
+from . import teacher_store, tracking
 from .cpu_tuning import tune_malloc
 from .data import load_task
 from .experiment import load_data
 from .grid import Cell, Plan
 from .settings import Settings
+from .stores import check_stores, redact
 from .teachers import default_recipe, read_manifest, teacher_dir, timed_train
 from .workqueue import DEFAULT_HEARTBEAT, default_storage, fail_stale, open_storage
 
@@ -110,6 +111,9 @@ class RunnerConfig:
     heartbeat: int = DEFAULT_HEARTBEAT
     devices: tuple[str, ...] = ()
     threads: int | None = None
+    grid: str = ""
+    teachers: tuple[tuple[str, str, str], ...] = ()  # (dataset, arch, sha256) the grid is fixed to
+    requeue_interrupted: bool = False  # submitit jobs: a cell cut by a signal goes back into the queue
 
     def settings(self, index: int) -> Settings:
         device = self.devices[index % len(self.devices)] if self.devices else self.device
@@ -158,6 +162,9 @@ class Worker:
         self.study = optuna.load_study(study_name=self.config.study, storage=self.storage)
         self.client = tracking.open_client(self.config.tracking_uri)
         self.tag = f"{socket.gethostname()}:{os.getpid()}"
+        for dataset, arch, sha in self.config.teachers:  # a worker on a machine without the teacher pulls it
+            if not (teacher_dir(self.settings.results, dataset, arch) / "manifest.json").is_file():
+                teacher_store.pull(self.client, self.settings.results, dataset, arch, sha)
 
     def run(self) -> None:
         while True:
@@ -201,6 +208,12 @@ class Worker:
         tracking.kill_stale(self.client, exp, Liveness(self.storage), cell_id=cell.cell_id)
         return self.run_cell(cell, trial)
 
+    def check_teacher(self, cell: Cell, manifest: dict[str, Any]) -> None:
+        """Refuse a cell whose cached teacher is not the one the grid is fixed to (no mixing of teachers)."""
+        for dataset, arch, sha in self.config.teachers:
+            if (dataset, arch) == (cell.spec.dataset, cell.spec.teacher) and manifest["sha256"] != sha:
+                raise teacher_store.mismatch(dataset, arch, manifest["sha256"], self.config.grid, sha, "fixed by the grid's first invocation", self.settings.results)
+
     def task_data(self, cell: Cell, manifest: dict[str, Any]) -> TaskData:
         key = (cell.spec.dataset, tuple(manifest["mean"]), tuple(manifest["std"]), self.settings.device)
         if key not in self._data:
@@ -215,6 +228,7 @@ class Worker:
         trial.set_user_attr("worker", self.tag)
         try:
             manifest = read_manifest(self.settings.results, cell.spec.dataset, cell.spec.teacher)
+            self.check_teacher(cell, manifest)
             run_id = tracking.start_cell_run(
                 self.client, cfg.experiment_id, cfg.parent_run_id, cell, manifest, cfg.code_version,
                 {tracking.QUEUE_STUDY: cfg.study, tracking.QUEUE_TRIAL: str(trial.number), "dfkd.worker": self.tag},
@@ -227,9 +241,12 @@ class Worker:
         try:
             result, _ = execute(cell.spec, self.settings, callbacks, data=self.task_data(cell, manifest))
             tracking.log_result(self.client, run_id, result)
-        except KeyboardInterrupt as error:
+        except (KeyboardInterrupt, SystemExit) as error:
             _best_effort(self.client.set_tag, run_id, "dfkd.ended", f"interrupted ({type(error).__name__})")
             _best_effort(tracking.end_run, self.client, run_id, "KILLED")
+            if cfg.requeue_interrupted:  # a preempted / requeued job: the cell runs again, here or elsewhere
+                _best_effort(lambda: self.study.enqueue_trial(
+                    {}, user_attrs={k: trial.user_attrs[k] for k in ("cell_id", "label", "cell")}))
             raise
         except Exception as error:
             _best_effort(tracking.log_error, self.client, run_id, error)
@@ -299,13 +316,20 @@ class Prepared:
 
 
 def prepare(plan: Plan, settings: Settings, tracking_uri: str, storage_url: str, heartbeat: int,
-            workers: int, devices: Sequence[str], threads: int | None = None) -> Prepared:
-    """Create the store and experiment once, mark stale runs KILLED, open the parent run, enqueue cells."""
+            workers: int, devices: Sequence[str], threads: int | None = None,
+            teachers: dict[tuple[str, str], str] | None = None, requeue_interrupted: bool = False) -> Prepared:
+    """Create the store and experiment once, fix the grid's teachers, mark stale runs KILLED, open the
+    parent run, enqueue cells."""
     client = tracking.open_client(tracking_uri)
     experiment_id = tracking.ensure_experiment(client, plan.grid.name, settings.results, tracking_uri)
+    teachers = teachers or {}
+    teacher_store.fix(client, experiment_id, plan.grid.name, teachers, settings.results)
     storage = open_storage(storage_url, heartbeat)
     name = study_name(plan)
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
+    for (dataset, arch), sha in teachers.items():
+        if study.user_attrs.get(f"teacher:{dataset}/{arch}") != sha:
+            study.set_user_attr(f"teacher:{dataset}/{arch}", sha)
     fail_stale(study)
     killed = [r.info.run_id for r in tracking.kill_stale(client, experiment_id, Liveness(storage), kind="cell")]
     killed += [r.info.run_id for r in tracking.kill_stale_grid_runs(client, experiment_id)]
@@ -315,7 +339,8 @@ def prepare(plan: Plan, settings: Settings, tracking_uri: str, storage_url: str,
         tags={"grid": plan.grid.name, "dfkd.queue.study": name, "dfkd.host": socket.gethostname()},
         params={"grid": plan.grid.name, "grid_source": plan.grid.source, "cells": len(plan.cells),
                 "skipped": len(plan.skipped), "workers": workers, "devices": ",".join(devices) or settings.device,
-                "code_version": version, "queue_storage": storage_url.split("@")[-1]},
+                "code_version": version, "queue_storage": redact(storage_url),
+                **{f"teacher.{d}/{a}": sha for (d, a), sha in teachers.items()}},
         heartbeat=heartbeat,
     )
     done = set(tracking.finished_cells(client, experiment_id)) & {c.cell_id for c in plan.cells}
@@ -334,6 +359,8 @@ def prepare(plan: Plan, settings: Settings, tracking_uri: str, storage_url: str,
         results=str(settings.results), data_dir=str(settings.data_dir), device=settings.device,
         tracking_uri=tracking_uri, storage=storage_url, study=name, experiment_id=experiment_id,
         parent_run_id=parent, code_version=version, heartbeat=heartbeat, devices=tuple(devices), threads=cpu_threads,
+        grid=plan.grid.name, teachers=tuple((d, a, sha) for (d, a), sha in sorted(teachers.items())),
+        requeue_interrupted=requeue_interrupted,
     )
     return Prepared(config, done, enqueued, killed)
 
@@ -546,6 +573,7 @@ class Outcome:
     experiment_id: str = ""
     parent_run_id: str = ""
     tracking_uri: str = ""
+    submitted: str | None = None  # --launcher slurm: the job array's id (the cells run later)
 
     @property
     def failed(self) -> list[CellRow]:
@@ -589,6 +617,8 @@ def run_grid(
     train_teachers: bool = True,
     echo: Echo = print,
     live: bool = False,
+    launcher: str = "processes",
+    slurm: Any = None,
 ) -> Outcome:
     """Run every cell of ``plan`` not yet finished, in ``workers`` processes; returns the outcome.
 
@@ -596,26 +626,44 @@ def run_grid(
     (default: torch's own choice with one worker, the cores split evenly with several).
     Ctrl-C or SIGTERM marks the running cells
     KILLED and returns an interrupted outcome (exit code 130); running the same grid again resumes.
+
+    Both stores are checked first (:func:`~benchmark.stores.check_stores`), then the grid's
+    teachers resolved (:func:`~benchmark.teacher_store.resolve`: the one the grid is fixed to,
+    pulled when missing here), so that a bad URL or a mismatching teacher writes nothing.
+    ``launcher``: ``processes`` (worker processes here), ``local`` or ``slurm``
+    (:mod:`benchmark.launchers`; ``slurm`` returns once the job array is submitted).
     """
     started = time.time()
     uri = tracking.resolve_tracking_uri(settings.results, tracking_uri)
     storage_url = storage or default_storage(settings.results)
     if devices:
         settings = dataclasses.replace(settings, device=devices[0])
+    if launcher != "processes":
+        from .launchers import check_launcher
+
+        check_launcher(launcher, slurm)
+    check_stores(uri, storage_url)
+    resolved = teacher_store.resolve(plan.teachers, settings.results, tracking.open_client(uri), plan.grid.name, echo)
     ensure_teachers(plan, settings, train_teachers, echo)
+    shas = {key: sha or read_manifest(settings.results, *key)["sha256"] for key, sha in resolved.items()}
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    prepared = prepare(plan, settings, uri, storage_url, heartbeat, workers, devices, threads)
+    prepared = prepare(plan, settings, uri, storage_url, heartbeat, workers, devices, threads, shas,
+                       requeue_interrupted=launcher != "processes")
     cfg = prepared.config
     for run_id in prepared.killed:
         echo(f"marked stale run {run_id} KILLED (its process had stopped)")
     echo(f"grid {plan.grid.name}: {len(plan.cells)} cells ({len(prepared.done_before)} already finished, "
          f"{prepared.enqueued} queued now), {len(plan.skipped)} skipped; {workers} worker(s); tracking {uri}")
+    if launcher == "slurm":
+        return _submit_slurm(plan, settings, prepared, workers, slurm, started, echo)
     interrupted = False
     previous = _install_sigterm()
     try:
         with Monitor(plan, prepared, workers, echo, live) as monitor:
             try:
-                if workers <= 1:
+                if launcher == "local":
+                    _run_local(plan, settings, cfg, workers, slurm, echo)
+                elif workers <= 1:
                     previous_threads = torch.get_num_threads()
                     if cfg.threads:
                         torch.set_num_threads(cfg.threads)
@@ -644,6 +692,43 @@ def run_grid(
         Metric("cells_skipped", float(len(plan.skipped)), now, 0), Metric("wall_seconds", wall, now, 0)]))
     _best_effort(lambda: tracking.end_run(client, cfg.parent_run_id, status))
     return Outcome(plan, rows, wall, interrupted, cfg.experiment_id, cfg.parent_run_id, uri)
+
+
+def _submitit_folder(settings: Settings, plan: Plan) -> Path:
+    return (Path(settings.results) / "submitit" / plan.grid.name).resolve()
+
+
+def _run_local(plan: Plan, settings: Settings, cfg: RunnerConfig, workers: int, slurm: Any, echo: Echo) -> None:
+    """``--launcher local``: the workers as submitit LocalExecutor jobs; wait for them."""
+    from .launchers import make_executor, submit_workers, wait_jobs
+
+    executor = make_executor("local", _submitit_folder(settings, plan), workers, plan.grid.name, slurm)
+    jobs = submit_workers(executor, cfg, workers)
+    echo(f"started {len(jobs)} submitit local job(s): {', '.join(str(j.job_id) for j in jobs)}")
+    for line in wait_jobs(jobs):
+        echo(line)
+
+
+def _submit_slurm(plan: Plan, settings: Settings, prepared: Prepared, workers: int, slurm: Any, started: float,
+                  echo: Echo) -> Outcome:
+    """``--launcher slurm``: submit the workers as one job array; the parent run ends with the submission."""
+    from .launchers import array_id, make_executor, submit_workers
+
+    cfg = prepared.config
+    client = tracking.open_client(cfg.tracking_uri)
+    try:
+        executor = make_executor("slurm", _submitit_folder(settings, plan), workers, plan.grid.name, slurm)
+        jobs = submit_workers(executor, cfg, workers)
+    except Exception as error:
+        _best_effort(tracking.end_run, client, cfg.parent_run_id, "FAILED")
+        raise DfkdError(f"sbatch failed: {str(error).strip().splitlines()[0][:300] if str(error).strip() else error!r}") from None
+    job = array_id(jobs)
+    _best_effort(client.set_tag, cfg.parent_run_id, "dfkd.slurm_job", job)
+    _best_effort(client.set_tag, cfg.parent_run_id, "dfkd.ended", f"submitted Slurm job array {job} ({workers} workers)")
+    _best_effort(tracking.end_run, client, cfg.parent_run_id, "FINISHED")
+    rows = collect(client, cfg.experiment_id, plan)
+    return Outcome(plan, rows, time.time() - started, False, cfg.experiment_id, cfg.parent_run_id, cfg.tracking_uri,
+                   submitted=job)
 
 
 def _install_sigterm() -> Any:

@@ -172,8 +172,8 @@ def read_manifest(results: Path, dataset: str, arch: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_teacher(results: Path, dataset: str, arch: str) -> tuple[nn.Module, dict[str, Any]]:
-    """Build and load the cached teacher after checking its sha256 (``weights_only=True``)."""
+def verified_manifest(results: Path, dataset: str, arch: str) -> dict[str, Any]:
+    """The cached teacher's manifest after checking that ``weights.pt`` has the sha256 it records."""
     manifest = read_manifest(results, dataset, arch)
     weights = teacher_dir(results, dataset, arch) / "weights.pt"
     if not weights.is_file() or sha256_of(weights) != manifest["sha256"]:
@@ -181,6 +181,13 @@ def load_teacher(results: Path, dataset: str, arch: str) -> tuple[nn.Module, dic
             f"checksum mismatch for cached teacher {dataset}/{arch} ({weights}); "
             f"retrain with: {_train_command(dataset, arch, force=True)}"
         )
+    return manifest
+
+
+def load_teacher(results: Path, dataset: str, arch: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Build and load the cached teacher after checking its sha256 (``weights_only=True``)."""
+    manifest = verified_manifest(results, dataset, arch)
+    weights = teacher_dir(results, dataset, arch) / "weights.pt"
     model = zoo.build(arch, manifest["num_classes"], manifest["in_channels"])
     try:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))

@@ -2,14 +2,16 @@
 
 Schema (read by the plots / tables / tuning commands; change it here and there together):
 
-* one experiment per grid, named after the grid (``default`` for the built-in grid);
+* one experiment per grid, named after the grid (``default`` for the built-in grid), tagged
+  ``dfkd.teacher.<dataset>/<arch>`` = sha256 by the grid's first invocation (every later cell must
+  use that teacher, :mod:`benchmark.teacher_store`); pushed teachers live in experiment ``dfkd-teachers``;
 * a parent run per ``dfkd-bench run`` invocation: tag ``dfkd.kind=grid``;
 * a child run per cell: tags ``mlflow.parentRunId``, ``dfkd.kind=cell``, ``dfkd.cell_id`` and
   ``method``, ``dataset``, ``budget`` (collected count), ``seed``, ``pair`` (``teacher->student``),
   ``profile``; params ``hp.<name>`` (every hyperparameter after defaults, profile, overrides and
   budget), ``method``, ``dataset``, ``teacher``, ``student``, ``profile``, ``seed``,
   ``budget.collected|source|balanced|iterations|batch_size``, ``teacher_id``
-  (``dataset/arch@sha256[:12]``), ``teacher_test_accuracy``, ``code_version``; metrics at each
+  (``dataset/arch@sha256[:12]``), ``teacher_sha256`` (also tag ``dfkd.teacher.sha256``), ``teacher_test_accuracy``, ``code_version``; metrics at each
   evaluation with step = iteration (``val_accuracy``, ``best_val_accuracy``, ``loss/<name>``,
   ``teacher_images``, ``wall_seconds``) and final ones at step = iterations (``test_accuracy``,
   ``best_val_test_accuracy``, ``best_val_accuracy``, ``teacher_accuracy``, ``teacher_images``,
@@ -84,9 +86,13 @@ def open_client(uri: str) -> MlflowClient:
     """A client on ``uri`` (creating the SQLite database and its tables on first use)."""
     from mlflow import MlflowClient
 
+    from .stores import sql_url
+
+    # MLflow prints "View run ... at: <url>" on stdout when a run on a server ends: it would break --json output.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=sql_url(uri))
 
 
 def ensure_experiment(client: MlflowClient, name: str, results: Path, uri: str) -> str:
@@ -163,6 +169,7 @@ def cell_params(cell: Cell, manifest: dict[str, Any], version: str) -> dict[str,
         "budget.iterations": cell.hparams["iterations"],
         "budget.batch_size": cell.hparams["batch_size"],
         "teacher_id": teacher_id(manifest),
+        "teacher_sha256": manifest["sha256"],
         "teacher_test_accuracy": manifest["test_accuracy"],
         "code_version": version,
     })
@@ -196,7 +203,8 @@ def start_cell_run(client: MlflowClient, experiment_id: str, parent_run_id: str,
         client.log_batch(run_id, params=chunk)
     client.log_text(run_id, yaml.safe_dump({**cell.to_dict(), "teacher_id": teacher_id(manifest)}, sort_keys=False),
                     "cell.yaml")
-    client.log_batch(run_id, tags=[RunTag("dfkd.teacher_id", teacher_id(manifest))])
+    client.log_batch(run_id, tags=[RunTag("dfkd.teacher_id", teacher_id(manifest)),
+                                   RunTag("dfkd.teacher.sha256", manifest["sha256"])])
     return run_id
 
 

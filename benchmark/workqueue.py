@@ -3,7 +3,8 @@
 Optuna already solves what a grid needs from a queue: an atomic WAITING → RUNNING pop, a
 heartbeat per running trial, and re-enqueueing a trial whose worker stopped beating
 (:class:`~optuna.storages.RetryHeartbeatStaleTrialCallback`).  SQLite serves one machine (the
-default, ``<results>/queue.db``); PostgreSQL or MySQL serve several.
+default, ``<results>/queue.db``); PostgreSQL or MySQL serve several (``postgresql://`` means psycopg 3,
+see :mod:`benchmark.stores`; connections give up after a few seconds instead of hanging).
 
 On SQLite every transaction starts with ``BEGIN IMMEDIATE``.  The Python driver's default opens a
 transaction only at the first write, so two processes can both read the same trial as WAITING
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+
+from .stores import connect_args, sql_url
 
 QUEUE_DB = "queue.db"
 DEFAULT_HEARTBEAT = 10  # seconds between heartbeats; a trial silent for 3× this is stale
@@ -41,8 +44,9 @@ def _retry_callback() -> tuple[str, Any]:
 
 def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats every ``heartbeat`` s and a grace of 3 intervals."""
+    url = sql_url(url)
     sqlite = url.startswith("sqlite")
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"connect_args": connect_args(url), "pool_pre_ping": True}
     if sqlite:
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: the driver issues no implicit BEGIN; we issue BEGIN IMMEDIATE below.

@@ -10,6 +10,7 @@ import click
 from methods.core.errors import DfkdError
 
 from ..grid import DEFAULT_GRID, Plan, describe_grid, expand, load_grid
+from ..launchers import SlurmOptions
 from ..runner import Outcome, missing_teachers, run_grid
 from ..settings import Settings
 from ..tracking import resolve_tracking_uri
@@ -87,20 +88,31 @@ def print_outcome(outcome: Outcome) -> None:
               help="Seconds between a worker's heartbeats; a cell silent for 3x this is retried elsewhere.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch CPU threads per worker (default: torch's choice with one worker, cores / workers with several).")
+@click.option("--launcher", type=click.Choice(["processes", "local", "slurm"]), default="processes", show_default=True,
+              help="Where the --workers run: processes here; slurm: one submitit job array on the shared queue "
+                   "(prints the job id and returns); local: submitit's local executor (what the tests run).")
+@click.option("--slurm-partition", default=None, help="Slurm partition of the job array (--launcher slurm).")
+@click.option("--slurm-gpus-per-task", type=click.IntRange(min=0), default=None, help="GPUs per Slurm task (worker).")
+@click.option("--slurm-cpus-per-task", type=click.IntRange(min=1), default=None, help="CPUs per Slurm task (worker).")
+@click.option("--slurm-time", default="4:00:00", show_default=True,
+              help="Time limit per worker job in Slurm's format ([D-]HH:MM:SS or minutes); also the local jobs' limit. "
+                   "A job that reaches it is requeued and its cell re-runs.")
 @click.option("--no-train-teachers", is_flag=True, help="Fail instead of training a teacher the cache lacks.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (cells, or outcomes; accuracies as fractions).")
 @common_options
 def run_command(grid_ref: str, dry_run: bool, workers: int | None, devices: str | None, iterations: int | None,
-                tracking_uri: str | None, storage: str | None, heartbeat: int, threads: int | None, no_train_teachers: bool,
-                as_json: bool,
-                settings: Settings) -> None:
+                tracking_uri: str | None, storage: str | None, heartbeat: int, threads: int | None, launcher: str,
+                slurm_partition: str | None, slurm_gpus_per_task: int | None, slurm_cpus_per_task: int | None,
+                slurm_time: str, no_train_teachers: bool, as_json: bool, settings: Settings) -> None:
     """Run a grid: methods × datasets × collected budgets × seeds, every cell an MLflow run.
 
     Re-running the same grid skips finished cells and re-runs failed or interrupted ones.
     Exit code 0 when every cell finished, 1 when some did not, 130 when interrupted.
 
     Examples: dfkd-bench run --grid --dry-run;  dfkd-bench run --grid;
-    dfkd-bench run --grid benchmark/grids/mnist-seeds.yaml --workers 2
+    dfkd-bench run --grid benchmark/grids/mnist-seeds.yaml --workers 2;
+    dfkd-bench run --grid g.yaml --storage postgresql://u@db/queue --tracking-uri http://mlflow:5000
+    --launcher slurm --slurm-partition gpu --slurm-gpus-per-task 1 --workers 8
     """
     device_list = tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else ()
     if devices is not None and not device_list:
@@ -124,11 +136,20 @@ def run_command(grid_ref: str, dry_run: bool, workers: int | None, devices: str 
         return
     if not plan.cells:
         raise DfkdError(f"grid {grid.name} has no cell to run ({len(plan.skipped)} skipped); see --dry-run")
+    slurm = SlurmOptions(slurm_partition, slurm_gpus_per_task, slurm_time, slurm_cpus_per_task)
     outcome = run_grid(
         plan, settings, workers=n_workers, devices=device_list, tracking_uri=uri, storage=storage_url,
         heartbeat=heartbeat, threads=threads, train_teachers=not no_train_teachers, echo=lambda line: click.echo(line, err=True),
-        live=sys.stderr.isatty(),
+        live=sys.stderr.isatty() and launcher != "slurm", launcher=launcher, slurm=slurm,
     )
+    if outcome.submitted is not None:
+        if as_json:
+            click.echo(json.dumps({"grid": grid.name, "slurm_job": outcome.submitted, "workers": n_workers,
+                                   "experiment_id": outcome.experiment_id, "tracking_uri": outcome.tracking_uri}))
+        else:
+            click.echo(f"submitted {n_workers} worker(s) as Slurm job array {outcome.submitted} "
+                       f"(squeue -j {outcome.submitted}); cells are recorded in {outcome.tracking_uri}")
+        return
     if as_json:
         click.echo(json.dumps({
             "grid": grid.name, "experiment_id": outcome.experiment_id, "parent_run_id": outcome.parent_run_id,

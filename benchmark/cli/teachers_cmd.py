@@ -1,4 +1,4 @@
-"""``dfkd-bench teachers train|list``: the teacher cache under ``results/teachers``."""
+"""``dfkd-bench teachers train|list|push``: the teacher cache under ``results/teachers``, shared through MLflow."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +18,7 @@ from .app import common_options, main
 
 @main.group("teachers")
 def teachers_group() -> None:
-    """Train and list cached teachers."""
+    """Train, list and push (to a tracking server, for every machine) cached teachers."""
 
 
 @teachers_group.command("train")
@@ -79,3 +79,37 @@ def list_command(as_json: bool, settings: Settings) -> None:
     for m in found:
         click.echo(f"{m['dataset']:<14}{m['arch']:<13}{100 * m['test_accuracy']:>7.2f}%{100 * m['val_accuracy']:>7.2f}%"
                    f"{m['recipe']['epochs']:>8}{m['seed']:>6}  {m['sha256'][:12]}")
+
+
+@teachers_group.command("push")
+@click.option("--dataset", required=True, help="Dataset name, e.g. mnist.")
+@click.option("--arch", required=True, help="Zoo architecture, e.g. lenet5.")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", required=True,
+              help="MLflow tracking server (env MLFLOW_TRACKING_URI), e.g. http://127.0.0.1:5000.")
+@click.option("--json", "as_json", is_flag=True, help="Print run id, teacher id and sha256 as JSON.")
+@common_options
+def push_command(dataset: str, arch: str, tracking_uri: str, as_json: bool, settings: Settings) -> None:
+    """Store the cached teacher (weights + manifest, sha256 checked) in the tracking server's artifacts.
+
+    Workers of a grid that lack the teacher pull it from there (checksum verified) instead of
+    training their own; the grid's first invocation fixes which teacher every cell uses.
+
+    Example: dfkd-bench teachers push --dataset mnist --arch lenet5 --tracking-uri http://127.0.0.1:5000
+    """
+    from .. import teacher_store
+    from ..stores import check_tracking
+    from ..teachers import verified_manifest
+    from ..tracking import open_client, teacher_id
+
+    get_spec(dataset)
+    zoo.check_arch(arch)
+    verified_manifest(settings.results, dataset, arch)  # absent or corrupt: one line, before contacting anything
+    check_tracking(tracking_uri)
+    run_id, manifest, new = teacher_store.push(open_client(tracking_uri), settings.results, dataset, arch)
+    if as_json:
+        click.echo(json.dumps({"run_id": run_id, "teacher_id": teacher_id(manifest), "sha256": manifest["sha256"],
+                               "new": new}))
+        return
+    state = "pushed" if new else "already in the store"
+    click.echo(f"{teacher_id(manifest)} {state}: run {run_id} of experiment {teacher_store.EXPERIMENT} "
+               f"in {tracking_uri} (sha256 {manifest['sha256']})")
