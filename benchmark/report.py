@@ -17,6 +17,7 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,20 +96,26 @@ SIZE_COLUMNS = {"student_parameters": "params", "student_flops": "flops", "train
 TEACHER_SIZE = {"teacher_parameters": "params", "teacher_flops": "flops"}
 
 
-def _row_labels(data: pd.DataFrame) -> pd.Series:
-    """The method name; with the deployed size appended where one method deployed several sizes
-    (e.g. SimKD's shared-head predictor next to the bare student), so they never share a row."""
-    if "metrics.student_parameters" not in data.columns:
-        return data["tags.method"]
-    params = data["metrics.student_parameters"]
-    sizes = data.groupby("tags.method")["metrics.student_parameters"].nunique()
-    return pd.Series([f"{m} [{p / 1000:.1f}k params]" if sizes[m] > 1 and p == p else m
-                      for m, p in zip(data["tags.method"], params, strict=True)], index=data.index)
+def run_labels(frame: pd.DataFrame) -> pd.Series:
+    """What names a line / a table row: the method, with its ``objective`` when the run records one.
+
+    ``kd-collected (simkd)`` and ``kd-collected (kd)`` are two lines of one method (spec §4.2);
+    any method that gains an ``objective`` hyperparameter is split the same way.
+    """
+    labels = frame["tags.method"].astype(str)
+    if "params.hp.objective" in frame.columns:
+        objective = frame["params.hp.objective"]
+        has = objective.notna() & (objective.astype(str) != "None")
+        labels = labels.where(~has, labels + " (" + objective.astype(str) + ")")
+    return labels
 
 
-def summarize(frame: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFrame:
+def summarize(frame: pd.DataFrame, metric: str = "test_accuracy", variants: bool = False) -> pd.DataFrame:
     """Long form: one row per (method, dataset, pair, budget) with mean, sample std (NaN for one run) and n (in %),
-    and the mean deployed parameters / FLOPs per image and training FLOPs of those runs (spec §2.1)."""
+    and the mean deployed parameters / FLOPs per image and training FLOPs of those runs (spec §2.1).
+
+    ``variants``: a method's objectives are rows of their own (:func:`run_labels`).
+    """
     column = f"metrics.{metric}"
     if column not in frame.columns or frame[column].notna().sum() == 0:
         raise DfkdError(f"no run has metric {metric!r}; allowed: "
@@ -116,7 +123,9 @@ def summarize(frame: pd.DataFrame, metric: str = "test_accuracy") -> pd.DataFram
     data = frame[frame[column].notna()].copy()
     data["value"] = 100 * data[column].astype(float)
     data["budget"] = data["tags.budget"].astype(int)
-    data["row"] = _row_labels(data)
+    if variants:
+        data["tags.method"] = run_labels(data)
+    data["row"] = data["tags.method"]
     keys = ["row", "tags.dataset", "tags.pair", "budget"]
     grouped = data.groupby(keys)["value"].agg(["mean", "std", "count"])
     sizes = {name: f"metrics.{key}" for key, name in SIZE_COLUMNS.items() if f"metrics.{key}" in data.columns}
@@ -201,11 +210,90 @@ def render(long: pd.DataFrame, fmt: str, metric: str) -> str:
     raise DfkdError(f"bad format {fmt!r}; allowed: md, csv, latex")
 
 
+def _latex(text: Any) -> str:
+    return re.sub(r"([_%&#$])", r"\\\1", str(text)).replace("±", r"$\pm$").replace("->", r"$\to$")
+
+
+def paper_layout(long: pd.DataFrame) -> tuple[list[tuple[str, list[int]]], list[tuple[str, list[str]]], str]:
+    """Methods as rows, (dataset[, pair]) × budget as columns, the teacher once per dataset.
+
+    Returns the column groups (``mnist`` → its budgets), the rows (label, cells) with the
+    teacher first, and the seeds note: ``mean ± std over N seeds`` when every cell has N runs,
+    else every cell carries its run count in parentheses.
+    """
+    pairs = long.groupby("dataset")["pair"].nunique()
+    long = long.copy()
+    long["group"] = [f"{d} {p}" if pairs[d] > 1 else d for d, p in zip(long["dataset"], long["pair"], strict=True)]
+    students = long[long["method"] != "teacher"]
+    groups = [(g, sorted(set(students.loc[students["group"] == g, "budget"])))
+              for g in dict.fromkeys(long.sort_values(["dataset", "pair"])["group"])]
+    groups = [(g, b) for g, b in groups if b]
+    counts = set(students["n"])
+    uniform = len(counts) == 1
+
+    def cell(row: pd.Series) -> str:
+        text = f"{row['mean']:.2f} ± {row['std']:.2f}" if row["n"] > 1 else f"{row['mean']:.2f}"
+        return text if uniform else f"{text} ({row['n']})"
+
+    rows: list[tuple[str, list[str]]] = []
+    teacher = long[long["method"] == "teacher"].groupby("group")["mean"].mean()
+    if len(teacher):
+        cells = []
+        for g, budgets in groups:
+            cells += [f"{teacher[g]:.2f}" if g in teacher.index else "–"] + [""] * (len(budgets) - 1)
+        rows.append(("teacher", cells))
+    index = {(r["method"], r["group"], r["budget"]): r for _, r in students.iterrows()}
+    for method in sorted(set(students["method"])):
+        rows.append((method, [cell(index[(method, g, b)]) if (method, g, b) in index else "–"
+                              for g, budgets in groups for b in budgets]))
+    n = next(iter(counts)) if uniform else None
+    note = f"mean ± std over {n} seed{'s' if n != 1 else ''}" if uniform else "mean ± std (runs per cell)"
+    return groups, rows, note
+
+
+def render_paper(long: pd.DataFrame, fmt: str, metric: str) -> str:
+    """The paper layout (:func:`paper_layout`) as md, csv or latex."""
+    groups, rows, note = paper_layout(long)
+    what = f"{METRIC_LABELS.get(metric, metric)}: {note}; the teacher's accuracy is given once per dataset"
+    columns = [f"{g} c={b}" for g, budgets in groups for b in budgets]
+    if fmt == "csv":
+        frame = pd.DataFrame([[label, *cells] for label, cells in rows], columns=["method", *columns])
+        return frame.to_csv(index=False)
+    if fmt == "md":
+        lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "|".join([":---:"] * len(columns)) + "|"]
+        lines += ["| " + " | ".join([label, *cells]) + " |" for label, cells in rows]
+        return "\n".join(lines) + f"\n\n{what}\n"
+    if fmt == "latex":
+        width = sum(len(b) for _, b in groups)
+        lines = [r"\begin{tabular}{l" + "c" * width + "}", r"\toprule",
+                 " & " + " & ".join(rf"\multicolumn{{{len(b)}}}{{c}}{{{_latex(g)}}}" for g, b in groups) + r" \\",
+                 "collected & " + " & ".join(str(b) for _, budgets in groups for b in budgets) + r" \\", r"\midrule"]
+        for label, cells in rows:
+            if label == "teacher":  # one value spanning each dataset's budgets
+                spans, at = [], 0
+                for _, budgets in groups:
+                    spans.append(rf"\multicolumn{{{len(budgets)}}}{{c}}{{{_latex(cells[at])}}}")
+                    at += len(budgets)
+                lines.append("teacher & " + " & ".join(spans) + r" \\ \midrule")
+            else:
+                lines.append(" & ".join(_latex(c) for c in [label, *cells]) + r" \\")
+        lines += [r"\bottomrule", r"\end{tabular}", f"% {what}"]
+        return "\n".join(lines) + "\n"
+    raise DfkdError(f"bad format {fmt!r}; allowed: md, csv, latex")
+
+
+LAYOUTS = ("long", "paper")
+
+
 def results_table(uri: str, experiment: str | None, fmt: str = "md",
-                  metric: str = "test_accuracy") -> tuple[str, pd.DataFrame]:
+                  metric: str = "test_accuracy", layout: str = "long") -> tuple[str, pd.DataFrame]:
+    """``long``: the methods × columns table with run counts (csv: one row per cell); ``paper``: :func:`render_paper`."""
+    if layout not in LAYOUTS:
+        raise DfkdError(f"bad layout {layout!r}; allowed: {', '.join(LAYOUTS)}")
     frame, _ = load_runs(uri, experiment, kinds=("cell",))
-    long = summarize(frame, metric)
-    return render(long, fmt, metric), long
+    long = summarize(frame, metric, variants=layout == "paper")
+    text = render_paper(long, fmt, metric) if layout == "paper" else render(long, fmt, metric)
+    return text, long
 
 
 # ----------------------------------------------------------------------------- figures
@@ -300,14 +388,58 @@ def sensitivity_axes(ax: Any, frame: pd.DataFrame, param: str, metric: str) -> p
         ax.set_xscale("log")
     unit = "" if param in LABELS else " (value)"
     ax.set_xlabel(LABELS.get(param, param) + unit)
-    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    seeds = [p["n"] for p in points if not str(p["method"]).endswith(" trial")]
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric) + (f", mean ± std over {_seeds(seeds)}" if seeds else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return pd.DataFrame(points)
 
 
+def drawn(fig: Any) -> dict[str, dict[str, list[float]]]:
+    """What the figure's axes show, read back from the matplotlib artists: label → x, y (and y error).
+
+    Lines (``errorbar`` / ``plot`` / ``axhline``) give their data; scatter collections their
+    offsets.  Tests compare this to the tracked metrics, so a plotting slip cannot hide.
+    """
+    out: dict[str, dict[str, list[float]]] = {}
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    for i, ax in enumerate(axes):
+        prefix = f"[{i}] " if len(axes) > 1 else ""
+        inside: set[int] = set()
+        for container in ax.containers:  # errorbar: the container holds the label, its first line the data
+            label = str(container.get_label())
+            data_line = getattr(container, "lines", (None,))[0]
+            if data_line is None or label.startswith("_"):
+                continue
+            inside.add(id(data_line))
+            out[prefix + label] = {"x": [float(v) for v in data_line.get_xdata()],
+                                   "y": [float(v) for v in data_line.get_ydata()]}
+        for line in ax.get_lines():
+            label = str(line.get_label())
+            if label.startswith("_") or id(line) in inside:
+                continue
+            out[prefix + label] = {"x": [float(v) for v in line.get_xdata()], "y": [float(v) for v in line.get_ydata()]}
+        for collection in ax.collections:
+            label = str(collection.get_label())
+            offsets = collection.get_offsets()
+            if label.startswith("_") or len(offsets) == 0:
+                continue
+            out[prefix + label] = {"x": [float(v) for v in offsets[:, 0]], "y": [float(v) for v in offsets[:, 1]]}
+    return out
+
+
+def grid_run(client: MlflowClient, experiment_id: str) -> str | None:
+    """The experiment's latest parent (``dfkd.kind=grid``) run, if any."""
+    runs = tracking.search(client, experiment_id, f"tags.`{tracking.KIND}` = 'grid'")
+    return max(runs, key=lambda r: r.info.start_time).info.run_id if runs else None
+
+
 def save_figure(fig: Any, results: Path, stem: str, uri: str, experiment_ids: Sequence[str]) -> list[Path]:
-    """PNG and PDF under ``<results>/plots``, logged to a ``dfkd.kind=plot`` run of the (first) experiment."""
+    """PNG and PDF under ``<results>/plots``, logged under ``plots/`` of the grid's parent run.
+
+    The parent run is the (first) experiment's latest ``dfkd.kind=grid`` run; an experiment
+    without one (a study) gets a ``dfkd.kind=plot`` run instead.
+    """
     folder = Path(results) / "plots"
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{stem}.png", folder / f"{stem}.pdf"]
@@ -316,10 +448,15 @@ def save_figure(fig: Any, results: Path, stem: str, uri: str, experiment_ids: Se
     _pyplot().close(fig)
     if experiment_ids:
         client = tracking.open_client(uri)
-        run = client.create_run(experiment_ids[0], run_name=f"plot {stem}", tags={tracking.KIND: "plot"})
-        for path in paths:
-            client.log_artifact(run.info.run_id, str(path), "plots")
-        client.set_terminated(run.info.run_id, "FINISHED")
+        parent = grid_run(client, experiment_ids[0])
+        if parent is not None:
+            for path in paths:
+                client.log_artifact(parent, str(path), "plots")
+        else:
+            run = client.create_run(experiment_ids[0], run_name=f"plot {stem}", tags={tracking.KIND: "plot"})
+            for path in paths:
+                client.log_artifact(run.info.run_id, str(path), "plots")
+            client.set_terminated(run.info.run_id, "FINISHED")
     return paths
 
 
@@ -327,11 +464,86 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "all"
 
 
+def _seeds(counts: Sequence[int] | pd.Series) -> str:
+    """``3 seeds`` (every point over 3) or ``1-3 seeds``."""
+    values = sorted({int(n) for n in counts})
+    if not values:
+        return "0 seeds"
+    if len(values) == 1:
+        return f"{values[0]} seed{'s' if values[0] != 1 else ''}"
+    return f"{values[0]}–{values[-1]} seeds"
+
+
+def _teacher_line(ax: Any, runs: pd.DataFrame) -> dict[str, Any] | None:
+    """The teacher's test accuracy (mean over the runs' teachers) as a dotted black line."""
+    column = "metrics.teacher_accuracy"
+    if column not in runs.columns or runs[column].notna().sum() == 0:
+        return None
+    value = 100 * float(runs[column].astype(float).mean())
+    ax.axhline(value, color="black", linestyle=":", linewidth=1.2, label=f"teacher ({value:.2f}%)")
+    return {"method": "teacher", "kind": "teacher", "x": None, "mean": value, "std": 0.0,
+            "n": int(runs[column].notna().sum())}
+
+
+def _reference_band(ax: Any, label: str, values: pd.Series, color: Any = None) -> dict[str, Any]:
+    """A horizontal mean line with a ± std band (one run: no band)."""
+    mean, std, n = float(values.mean()), float(values.std()) if len(values) > 1 else 0.0, len(values)
+    line = ax.axhline(mean, linestyle="--", linewidth=1.2, color=color, label=f"{label} ({_seeds([n])})")
+    if std > 0:
+        ax.axhspan(mean - std, mean + std, color=line.get_color(), alpha=0.12)
+    return {"method": label, "x": None, "mean": mean, "std": std, "n": n}
+
+
+def sensitivity_references(ax: Any, cells: pd.DataFrame, references: pd.DataFrame, param: str,
+                           metric: str) -> list[dict[str, Any]]:
+    """The baseline at the panel's collected budget (a line over the budgets on the collected panel), and the teacher."""
+    column = f"metrics.{metric}"
+    points: list[dict[str, Any]] = []
+    shown = base_slice(cells, param)
+    if len(references) and column in references.columns:
+        refs = references[references[column].notna()].copy()
+        refs["label"] = run_labels(refs)
+        refs["budget"] = refs["params.budget.collected"].astype(int)
+        if param == COLLECTED:
+            for label, group in refs.groupby("label"):
+                stats = (100 * group[column]).groupby(group["budget"].values).agg(["mean", "std", "count"]).sort_index()
+                stats["std"] = stats["std"].fillna(0.0)
+                ax.errorbar(list(stats.index), stats["mean"], yerr=stats["std"], linestyle="--", marker="s", capsize=3,
+                            label=f"{label}, reference (mean ± std over {_seeds(stats['count'])})")
+                points += [{"method": f"reference {label}", "kind": "reference", "x": x, "mean": r["mean"],
+                            "std": r["std"], "n": int(r["count"])} for x, r in stats.iterrows()]
+        elif len(shown):
+            budget = int(shown["params.budget.collected"].astype(int).mode().iloc[0])
+            for label, group in refs[refs["budget"] == budget].groupby("label"):
+                point = _reference_band(ax, f"{label} at {budget} collected", 100 * group[column])
+                points.append({**point, "method": f"reference {point['method']}", "kind": "reference"})
+    teacher = _teacher_line(ax, shown if len(shown) else cells)
+    if teacher is not None:
+        points.append(teacher)
+    ax.legend(fontsize="small")
+    return points
+
+
 def plot_sensitivity(uri: str, results: Path, experiment: str | None, param: str,
-                     metric: str = "auto") -> tuple[list[Path], pd.DataFrame]:
-    """One panel (``param``), or ``all`` / ``figure2``: a 2×2 (or wider) figure of every swept parameter."""
+                     metric: str = "auto", reference_method: str | None = "kd-collected",
+                     reference_experiment: str | None = None) -> tuple[list[Path], pd.DataFrame]:
+    """One panel (``param``), or ``all`` / ``figure2``: a 2×2 (or wider) figure of every swept parameter.
+
+    The points' ``kind`` is ``swept`` (the sensitivity lines), ``reference`` or ``teacher``.  Runs of ``reference_method`` (KD on the collected examples by default), from the experiment
+    itself or from ``reference_experiment``, are drawn as reference lines at the panel's budget,
+    with the teacher, rather than as a swept method: does a setting matter next to the baseline?
+    """
     frame, ids = load_runs(uri, experiment)
     metric = pick_metric(frame, metric)
+    references = frame.iloc[0:0]
+    if reference_method:
+        source = load_runs(uri, reference_experiment, kinds=("cell",))[0] if reference_experiment else frame
+        is_ref = (source["tags.method"] == reference_method) & (source["tags.dfkd.kind"] == "cell")
+        references = source[is_ref]
+        if not reference_experiment:
+            frame = frame[~is_ref]
+        if len(frame) == 0:
+            raise DfkdError(f"experiment {experiment!r} holds only {reference_method!r} runs; nothing is swept")
     plt = _pyplot()
     if param in ("all", "figure2"):
         swept = sweep_params(frame)
@@ -343,10 +555,12 @@ def plot_sensitivity(uri: str, results: Path, experiment: str | None, param: str
         rows = math.ceil(len(params) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.2 * rows), squeeze=False)
         tables = []
+        cells = frame[frame["tags.dfkd.kind"] == "cell"]
         for i, (ax, name) in enumerate(zip(axes.flat, params, strict=False)):
             table = sensitivity_axes(ax, frame, name, metric)
+            extra = pd.DataFrame(sensitivity_references(ax, cells, references, name, metric))
             ax.set_title(f"({chr(97 + i)}) {LABELS.get(name, name).split(' (')[0]}")
-            tables.append(table.assign(param=name))
+            tables.append(pd.concat([table.assign(kind="swept"), extra], ignore_index=True).assign(param=name))
         for ax in list(axes.flat)[len(params):]:
             ax.set_visible(False)
         fig.suptitle(f"Sensitivity: {_title_parts(frame, COLLECTED if COLLECTED in params else '')}")
@@ -354,11 +568,146 @@ def plot_sensitivity(uri: str, results: Path, experiment: str | None, param: str
         points = pd.concat(tables, ignore_index=True)
     else:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        points = sensitivity_axes(ax, frame, param, metric).assign(param=param)
+        points = sensitivity_axes(ax, frame, param, metric)
+        extra = pd.DataFrame(sensitivity_references(ax, frame[frame["tags.dfkd.kind"] == "cell"], references, param,
+                                                    metric))
+        points = pd.concat([points.assign(kind="swept"), extra], ignore_index=True).assign(param=param)
         ax.set_title(f"Sensitivity to {param}: {_title_parts(frame, param)}")
         fig.tight_layout()
     stem = f"sensitivity-{_safe(experiment or 'all')}-{_safe(param)}"
     return save_figure(fig, results, stem, uri, ids), points
+
+
+@dataclass
+class Plotted:
+    """A written figure: its files, the values it plots (computed), and what its artists show (:func:`drawn`)."""
+
+    paths: list[Path]
+    points: pd.DataFrame
+    drawn: dict[str, dict[str, list[float]]]
+    axes: list[dict[str, str]]
+
+
+def axes_text(fig: Any) -> list[dict[str, str]]:
+    """Each visible axes' labels, title and x scale (what a reader is told is plotted)."""
+    return [{"xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(), "title": ax.get_title(), "xscale": ax.get_xscale()}
+            for ax in fig.axes if ax.get_visible()]
+
+
+def _metric_rows(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    column = f"metrics.{metric}"
+    if column not in frame.columns or frame[column].notna().sum() == 0:
+        raise DfkdError(f"no run has metric {metric!r}; allowed: "
+                        + ", ".join(sorted(c[8:] for c in frame.columns if c.startswith("metrics."))))
+    data = frame[frame[column].notna()].copy()
+    data["label"] = run_labels(data)
+    data["budget"] = data["tags.budget"].astype(int)
+    data["value"] = 100 * data[column].astype(float)
+    return data
+
+
+def _colors(labels: Sequence[str]) -> dict[str, str]:
+    """One colour per line label, stable across panels and figures."""
+    return {label: f"C{i % 10}" for i, label in enumerate(sorted(set(labels)))}
+
+
+def plot_budget(uri: str, results: Path, experiment: str | None, metric: str = "test_accuracy") -> Plotted:
+    """Accuracy against the collected budget (HiDFD's claim), one panel per dataset and pair.
+
+    Every method run with collected examples is a line (mean ± std over seeds per budget; a
+    method's objectives are lines of their own), the data-free methods (budget 0) are dashed
+    horizontal references with a ± std band, and the teacher a dotted line.
+    """
+    frame, ids = load_runs(uri, experiment, kinds=("cell",))
+    data = _metric_rows(frame, metric)
+    if not (data["budget"] > 0).any():
+        raise DfkdError(f"no finished run of {experiment or 'the store'} took collected examples; "
+                        "run a budget grid first (dfkd-bench run --grid hidfd-budget-cpu)")
+    colors = _colors(data["label"])
+    panels = sorted(data.groupby(["tags.dataset", "tags.pair"]).groups)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.2 * len(panels), 5.0), squeeze=False)
+    points: list[dict[str, Any]] = []
+    for ax, (dataset, pair) in zip(axes.flat, panels, strict=True):
+        panel = data[(data["tags.dataset"] == dataset) & (data["tags.pair"] == pair)]
+        lines = panel[panel["budget"] > 0]
+        counts: list[int] = []
+        for label, group in lines.groupby("label"):
+            stats = group.groupby("budget")["value"].agg(["mean", "std", "count"]).sort_index()
+            stats["std"] = stats["std"].fillna(0.0)
+            ax.errorbar(list(stats.index), stats["mean"], yerr=stats["std"], marker="o", capsize=3,
+                        color=colors[label], label=label)
+            counts += list(stats["count"])
+            points += [{"dataset": dataset, "pair": pair, "line": label, "kind": "collected", "budget": int(b),
+                        "mean": r["mean"], "std": r["std"], "n": int(r["count"])} for b, r in stats.iterrows()]
+        for label, group in panel[panel["budget"] == 0].groupby("label"):
+            point = _reference_band(ax, f"{label} (data-free)", group["value"], colors[label])
+            points.append({"dataset": dataset, "pair": pair, "line": point["method"], "kind": "data-free",
+                           "budget": 0, "mean": point["mean"], "std": point["std"], "n": point["n"]})
+        teacher = _teacher_line(ax, panel)
+        if teacher is not None:
+            points.append({"dataset": dataset, "pair": pair, "line": "teacher", "kind": "teacher", "budget": None,
+                           "mean": teacher["mean"], "std": 0.0, "n": teacher["n"]})
+        budgets = sorted(set(lines["budget"]))
+        ax.set_xscale("log")
+        ax.set_xticks(budgets, [f"{b:,}" for b in budgets])
+        ax.minorticks_off()
+        ax.set_xlabel("collected examples (count, log scale; labels never used)")
+        ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)}, mean ± std over {_seeds(counts)}")
+        ax.set_title(f"{dataset}, {pair}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(f"Accuracy against the collected budget ({experiment or 'all experiments'})")
+    fig.tight_layout()
+    shown, text = drawn(fig), axes_text(fig)
+    paths = save_figure(fig, results, f"budget-{_safe(experiment or 'all')}", uri, ids)
+    return Plotted(paths, pd.DataFrame(points), shown, text)
+
+
+COMPUTE_X = {"flops": ("train_flops", "training FLOPs spent by the run (every network, forward and backward; log scale)"),
+             "wall": ("wall_seconds", "wall-clock seconds of the run (this machine; log scale)")}
+
+
+def plot_compute(uri: str, results: Path, experiment: str | None, x: str = "flops",
+                 metric: str = "test_accuracy") -> Plotted:
+    """Accuracy against the compute a run spent (``train_flops``, or ``wall_seconds`` with ``x='wall'``).
+
+    One point per finished cell run (every seed its own point), one colour per method (a method's
+    objectives count as methods), the teacher as a dotted line: the equal-budget view.
+    """
+    if x not in COMPUTE_X:
+        raise DfkdError(f"bad x {x!r}; allowed: {', '.join(COMPUTE_X)}")
+    key, xlabel = COMPUTE_X[x]
+    frame, ids = load_runs(uri, experiment, kinds=("cell",))
+    column = f"metrics.{key}"
+    if column not in frame.columns or frame[column].notna().sum() == 0:
+        hint = "; plot against wall-clock time with --x wall" if x == "flops" else ""
+        raise DfkdError(f"no finished run of {experiment or 'the store'} has metric {key!r}{hint}")
+    data = _metric_rows(frame, metric)
+    data = data[data[column].notna() & (data[column].astype(float) > 0)]
+    data["x"] = data[column].astype(float)
+    colors = _colors(data["label"])
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.6, 5.0))
+    for label, group in data.groupby("label"):
+        ax.scatter(group["x"], group["value"], color=colors[label], alpha=0.8, label=f"{label} ({len(group)} runs)")
+    teacher = _teacher_line(ax, data)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)}, one point per run ({len(data)} runs)")
+    datasets = ", ".join(sorted(set(data["tags.dataset"])))
+    ax.set_title(f"Accuracy against {'training FLOPs' if x == 'flops' else 'wall-clock time'}: "
+                 f"{experiment or 'all experiments'} ({datasets})")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    shown, text = drawn(fig), axes_text(fig)
+    points = data[["run_id", "label", "tags.budget", "tags.seed", "x", "value"]].rename(
+        columns={"tags.budget": "budget", "tags.seed": "seed", "value": "y"}).reset_index(drop=True)
+    if teacher is not None:
+        points = pd.concat([points, pd.DataFrame([{"label": "teacher", "y": teacher["mean"]}])], ignore_index=True)
+    paths = save_figure(fig, results, f"compute-{_safe(experiment or 'all')}-{x}", uri, ids)
+    return Plotted(paths, points, shown, text)
 
 
 def plot_curves(uri: str, results: Path, experiment: str | None, metric: str = "val_accuracy") -> list[Path]:

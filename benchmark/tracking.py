@@ -20,6 +20,15 @@ Schema (read by the plots / tables / tuning commands; change it here and there t
   when the cell failed.  Status FINISHED, FAILED (error, non-finite loss) or KILLED
   (interrupted, or found stale when the grid resumed).
 
+The MLflow UI opens on the comparison: every experiment carries ``mlflow.experimentKind =
+custom_model_development`` (MLflow 3 then opens the runs page, not the GenAI overview) and two
+shared views (``mlflow.sharedViewState.<key>`` experiment tags, the UI's "share view" format):
+``dfkd-cells`` (the cell runs as a flat table with the compared metrics as columns) and
+``dfkd-by-group`` (the same runs grouped by the ``group`` tag: mean over seeds, min/max in the
+grouping menu).  :func:`runs_page_url` is the address of either.  A cell run also carries tags
+``variant`` (the grid entry's overrides, ``key=value,...``, or ``base``) and ``group`` (its name
+without the seed, plus the variant).
+
 The default store is SQLite under the results folder (``sqlite:///<results>/mlflow.db``, artifacts
 in ``<results>/mlartifacts``), never the deprecated ``./mlruns`` file store; ``--tracking-uri`` or
 ``MLFLOW_TRACKING_URI`` points at a server instead.
@@ -27,6 +36,7 @@ in ``<results>/mlartifacts``), never the deprecated ``./mlruns`` file store; ``-
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import tempfile
@@ -60,6 +70,23 @@ HEARTBEAT_INTERVAL = "dfkd.heartbeat_interval"
 QUEUE_STUDY = "dfkd.queue.study"
 QUEUE_TRIAL = "dfkd.queue.trial"
 BATCH = 100  # MLflow's per-request limit for params and tags
+# MLflow 3 picks the experiment page's layout from this tag (values in its UI: genai_development,
+# custom_model_development); without it a new experiment opens on the GenAI overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # the UI's "share view": ?viewStateShareKey=<key>
+VIEW_CELLS = "dfkd-cells"
+VIEW_GROUPED = "dfkd-by-group"
+GROUP = "group"
+VARIANT = "variant"
+# What a reader compares, as runs-table columns (final metrics of every cell; the accounting ones
+# are logged by the harness, spec §1.5 / issue 11).  Absent metrics simply show no column.
+COMPARED_METRICS = (
+    "test_accuracy", "best_val_test_accuracy", "teacher_accuracy", "train_flops", "wall_seconds",
+    "student_parameters", "student_flops", "teacher_images", "student_images", "generator_steps",
+    "teacher_parameters", "teacher_flops",
+)
+COMPARED_TAGS = (VARIANT,)
 
 
 # ----------------------------------------------------------------------------- the store
@@ -95,15 +122,73 @@ def open_client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=sql_url(uri))
 
 
+def column_key(kind: str, name: str) -> str:
+    """A runs-table column as the MLflow UI names it (``metrics.`test_accuracy```)."""
+    return f"{kind}.`{name}`"
+
+
+def view_state(grouped: bool) -> dict[str, Any]:
+    """A shared view of the experiment page: cell runs only, compared metrics and tags as columns.
+
+    Filtering on ``dfkd.kind = 'cell'`` and sorting by run name lists the cells flat (MLflow folds
+    child runs under their parent only in its default sort by start time); ``grouped`` groups them by the ``group`` tag (one row per
+    method × dataset × pair × budget × variant, metrics averaged over the seeds).
+    """
+    columns = [column_key("metrics", m) for m in COMPARED_METRICS] + [column_key("tags", t) for t in COMPARED_TAGS]
+    run_name = column_key("attributes", "Run Name")
+    state: dict[str, Any] = {
+        "searchFilter": f"tags.`{KIND}` = 'cell'",
+        # the UI nests child runs under their parent only when sorted by start time: sort by name
+        "orderByKey": "tags.`mlflow.runName`",
+        "orderByAsc": True,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "modelVersionFilter": "All Runs",
+        "datasetsFilter": [],
+        "selectedColumns": columns,
+        # column ids of the UI's grid: the name wide enough to read, accuracy first
+        "columnOrder": [run_name, *columns],
+        "columnWidths": {run_name: 330, **{c: 120 for c in columns}},
+        "groupBy": None,
+    }
+    if grouped:
+        state["groupBy"] = {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": GROUP}]}
+        state["groupsExpanded"] = {}
+    return state
+
+
+def experiment_tags() -> dict[str, str]:
+    """The experiment kind and the two shared views (see the module docstring)."""
+    return {
+        EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
+        VIEW_TAG_PREFIX + VIEW_CELLS: json.dumps(view_state(False), separators=(",", ":")),
+        VIEW_TAG_PREFIX + VIEW_GROUPED: json.dumps(view_state(True), separators=(",", ":")),
+    }
+
+
+def tag_experiment(client: MlflowClient, experiment_id: str) -> None:
+    """Set the experiment-kind and view tags where missing or outdated (experiments made before them too)."""
+    current = client.get_experiment(experiment_id).tags
+    for key, value in experiment_tags().items():
+        if current.get(key) != value:
+            client.set_experiment_tag(experiment_id, key, value)
+
+
+def runs_page_url(base: str, experiment_id: str, view: str | None = VIEW_CELLS) -> str:
+    """The address of an experiment's runs page in the MLflow UI at ``base``, opened on ``view``."""
+    url = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return f"{url}?viewStateShareKey={view}" if view else url
+
+
 def ensure_experiment(client: MlflowClient, name: str, results: Path, uri: str) -> str:
-    """The id of experiment ``name``, created once (artifacts under ``results/mlartifacts/<name>``)."""
+    """The id of experiment ``name``, created once (artifacts under ``results/mlartifacts/<name>``), tagged for the UI."""
     from mlflow.exceptions import MlflowException
 
     found = client.get_experiment_by_name(name)
     if found is None:
         location = (artifact_root(results) / name).as_uri() if is_local(uri) else None
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location, tags=experiment_tags())
         except MlflowException:  # created concurrently by another invocation
             found = client.get_experiment_by_name(name)
             if found is None:
@@ -113,6 +198,7 @@ def ensure_experiment(client: MlflowClient, name: str, results: Path, uri: str) 
             f"MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore --experiment-id "
             f"{found.experiment_id}) or rename the grid"
         )
+    tag_experiment(client, found.experiment_id)
     return found.experiment_id
 
 
@@ -176,8 +262,17 @@ def cell_params(cell: Cell, manifest: dict[str, Any], version: str) -> dict[str,
     return {k: _param_value(v) for k, v in params.items()}
 
 
+def variant(cell: Cell) -> str:
+    """The grid entry's overrides (``objective=kd,lr=0.02``; ``base`` without): what tells two cells of one method apart."""
+    text = ",".join(f"{k}={_param_value(v)}" for k, v in sorted(cell.spec.overrides))
+    return text[:500] or "base"
+
+
 def cell_tags(cell: Cell) -> dict[str, str]:
+    """Identity tags of a cell run; ``group`` (everything but the seed) is what the UI groups seeds by."""
     s = cell.spec
+    kind = variant(cell)
+    group = f"{s.method} {s.dataset} {cell.pair} c{s.budget.collected}" + ("" if kind == "base" else f" [{kind}]")
     return {
         KIND: "cell",
         CELL_ID: cell.cell_id,
@@ -187,6 +282,8 @@ def cell_tags(cell: Cell) -> dict[str, str]:
         "seed": str(s.seed),
         "pair": cell.pair,
         "profile": s.profile,
+        VARIANT: kind,
+        GROUP: group,
     }
 
 

@@ -10,6 +10,12 @@ KILLED / FAILED).  A study lives in an Optuna RDB storage (SQLite ``<results>/tu
 default) and resumes there: ``--trials`` is the total the study should reach, so re-running the
 same command after an interruption only runs the missing trials.  ``--workers N`` runs N
 processes on the same study.
+
+``optuna_integration.MLflowCallback`` is not used (nor a dependency): it logs each trial after the
+fact as a separate run holding only the suggested values and the objective, through MLflow's
+process-global fluent API.  The tuner already records every trial as a full cell run as it
+trains (metric history the pruner reads, every resolved hyperparameter, teacher id, artifacts),
+so the callback would only add a second, thinner copy of each trial.
 """
 from __future__ import annotations
 

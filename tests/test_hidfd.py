@@ -205,3 +205,31 @@ def test_short_mnist_run_learns(mnist, lenet5_teacher) -> None:
                      data=mnist, overrides=overrides, callbacks=[recorder])
     assert result.test_accuracy > 0.8  # chance is 0.1; ~0.95 measured
     assert {"gan/loss_d", "gan/fi", "gan/cfs", "gan/teacher_agrees"} <= set(recorder.metrics)
+
+
+def test_ema_averages_bn_buffers_not_sn_vectors_and_differs_from_swa_utils() -> None:
+    """Spec §3.2 (4): BN statistics are part of G_ema; SN power-iteration vectors are not averaged."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    G = BigGANGenerator(C, nc=1, mean=(0.5,), std=(0.5,), ch=1)
+    ema = EmaGenerator(G, decay=0.9, start=1)
+    library = AveragedModel(G, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    library.update_parameters(G)  # its first update is the copy
+    buffers = dict(G.named_buffers())
+    bn = next(n for n in buffers if n.endswith("running_mean"))
+    sn = next(n for n in buffers if n.endswith("._u"))
+    count = next(n for n in buffers if n.endswith("num_batches_tracked"))
+    old_bn, old_sn = buffers[bn].clone(), dict(ema.model.named_buffers())[sn].clone()
+    with torch.no_grad():  # G moves: its BN statistics, SN vector and BN counter change
+        buffers[bn].add_(1.0)
+        buffers[sn].copy_(torch.nn.functional.normalize(torch.randn_like(buffers[sn]), dim=0))
+        buffers[count].add_(7)
+    ema.update(G, 2)
+    library.update_parameters(G)
+    mine, theirs = dict(ema.model.named_buffers()), dict(library.module.named_buffers())
+    assert torch.allclose(mine[bn], 0.9 * old_bn + 0.1 * buffers[bn])  # BN running mean averaged
+    assert torch.equal(mine[count], buffers[count])  # the counter copied
+    assert torch.equal(mine[sn], old_sn)  # the SN vector untouched (refresh() re-estimates it)
+    assert torch.allclose(theirs[bn], mine[bn])  # the library agrees on BN statistics...
+    assert not torch.allclose(theirs[sn], old_sn)  # ...but averages the SN vector, which the spec does not

@@ -5,7 +5,16 @@ from pathlib import Path
 
 import click
 
-from ..report import open_uri, plot_curves, plot_samples, plot_sensitivity, results_table
+from ..report import (
+    LAYOUTS,
+    open_uri,
+    plot_budget,
+    plot_compute,
+    plot_curves,
+    plot_samples,
+    plot_sensitivity,
+    results_table,
+)
 from ..settings import Settings
 from .app import common_options, main
 
@@ -20,19 +29,23 @@ TRACKING = click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "latex"]), default="md", show_default=True)
 @click.option("--metric", default="test_accuracy", show_default=True,
               help="test_accuracy (last predictor) or best_val_test_accuracy (best-val checkpoint).")
+@click.option("--layout", type=click.Choice(LAYOUTS), default="long", show_default=True,
+              help="long: a row per method, run counts per cell (csv: one row per cell); paper: a row per method "
+                   "and objective, (dataset, budget) columns, mean ± std over the seeds, the teacher once.")
 @click.option("--output", type=click.Path(dir_okay=False), default=None,
-              help="File to write (default <results>/tables/<experiment>.<ext>).")
+              help="File to write (default <results>/tables/<experiment>[-paper].<ext>).")
 @TRACKING
 @common_options
-def table_command(experiment: str | None, fmt: str, metric: str, output: str | None, tracking_uri: str | None,
-                  settings: Settings) -> None:
+def table_command(experiment: str | None, fmt: str, metric: str, layout: str, output: str | None,
+                  tracking_uri: str | None, settings: Settings) -> None:
     """Methods × (dataset, budget): test accuracy mean ± std over seeds (runs per cell), with the teacher row.
 
-    Example: dfkd-bench table --experiment mnist-seeds --format latex
+    Example: dfkd-bench table --experiment mnist-seeds --format latex --layout paper
     """
-    text, _ = results_table(open_uri(settings.results, tracking_uri), experiment, fmt, metric)
+    text, _ = results_table(open_uri(settings.results, tracking_uri), experiment, fmt, metric, layout)
+    suffix = "-paper" if layout == "paper" else ""
     path = Path(output) if output else settings.results / "tables" / \
-        f"{experiment or 'all'}.{ {'md': 'md', 'csv': 'csv', 'latex': 'tex'}[fmt] }"
+        f"{experiment or 'all'}{suffix}.{ {'md': 'md', 'csv': 'csv', 'latex': 'tex'}[fmt] }"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     click.echo(text, nl=False)
@@ -51,17 +64,55 @@ def plot_group() -> None:
 @EXPERIMENT
 @click.option("--metric", default="auto", show_default=True,
               help="auto: test_accuracy of grid runs, best_val_accuracy of study trials.")
+@click.option("--reference-method", default="kd-collected", show_default=True,
+              help="Its runs are drawn as reference lines at each panel's budget (not swept); '' for none.")
+@click.option("--reference-experiment", default=None,
+              help="Take the reference runs from this experiment (default: the plotted one).")
 @TRACKING
 @common_options
-def sensitivity_command(param: str, experiment: str | None, metric: str, tracking_uri: str | None,
-                        settings: Settings) -> None:
-    """Accuracy against one hyperparameter, mean ± std over seeds (HiDFD Figure 2).
+def sensitivity_command(param: str, experiment: str | None, metric: str, reference_method: str,
+                        reference_experiment: str | None, tracking_uri: str | None, settings: Settings) -> None:
+    """Accuracy against one hyperparameter, mean ± std over seeds (HiDFD Figure 2), with KD-collected and the teacher.
 
     Example: dfkd-bench plot sensitivity --param figure2 --experiment hidfd-sensitivity
     """
     paths, points = plot_sensitivity(open_uri(settings.results, tracking_uri), settings.results, experiment, param,
-                                     metric)
+                                     metric, reference_method or None, reference_experiment)
     for path in paths:
+        click.echo(f"wrote {path}")
+
+
+@plot_group.command("budget")
+@EXPERIMENT
+@click.option("--metric", default="test_accuracy", show_default=True,
+              help="test_accuracy (last predictor) or best_val_test_accuracy (best-val checkpoint).")
+@TRACKING
+@common_options
+def budget_command(experiment: str | None, metric: str, tracking_uri: str | None, settings: Settings) -> None:
+    """Accuracy against the number of collected examples, mean ± std over seeds; data-free methods and teacher as lines.
+
+    Example: dfkd-bench plot budget --experiment hidfd-budget-cpu
+    """
+    plotted = plot_budget(open_uri(settings.results, tracking_uri), settings.results, experiment, metric)
+    for path in plotted.paths:
+        click.echo(f"wrote {path}")
+
+
+@plot_group.command("compute")
+@EXPERIMENT
+@click.option("--x", "x_axis", type=click.Choice(["flops", "wall"]), default="flops", show_default=True,
+              help="flops: train_flops (every network, forward and backward); wall: wall_seconds.")
+@click.option("--metric", default="test_accuracy", show_default=True)
+@TRACKING
+@common_options
+def compute_command(experiment: str | None, x_axis: str, metric: str, tracking_uri: str | None,
+                    settings: Settings) -> None:
+    """Accuracy against the compute each run spent (log axis), one point per run, one colour per method.
+
+    Example: dfkd-bench plot compute --experiment default --x wall
+    """
+    plotted = plot_compute(open_uri(settings.results, tracking_uri), settings.results, experiment, x_axis, metric)
+    for path in plotted.paths:
         click.echo(f"wrote {path}")
 
 

@@ -173,6 +173,14 @@ class EmaGenerator:
 
     The spectral-norm power-iteration vectors are not averaged (an average of unit vectors is no
     singular vector); :meth:`refresh` re-estimates them for G_ema's own weights before sampling.
+
+    Why not ``torch.optim.swa_utils.AveragedModel(G, multi_avg_fn=get_ema_multi_avg_fn(decay))``:
+    with ``use_buffers=True`` it averages *every* buffer, the SN vectors ``_u``/``_v`` included, and
+    blends the integer ``num_batches_tracked`` in float; with ``use_buffers=False`` it copies the BN
+    statistics instead of averaging them (the spec averages them); and its EMA has no plain-copy
+    phase until ``start`` (it copies once, at the first update).  Matching the spec would take a
+    custom ``multi_avg_fn`` over a filtered buffer list, i.e. this class again.
+    ``tests/test_hidfd.py`` checks both the behaviour and the library's difference.
     """
 
     def __init__(self, generator: nn.Module, decay: float, start: int) -> None:
