@@ -1,14 +1,20 @@
 """Result tables and figures from the MLflow store (pandas frames from ``mlflow.search_runs``).
 
 * :func:`results_table`: methods × (dataset, budget) test accuracy, mean ± std over seeds, the
-  number of runs per cell and a teacher row;
+  number of runs per cell and a teacher row; ``layout="paper"``: a row per method and objective,
+  the teacher once per dataset;
 * :func:`plot_sensitivity`: accuracy against one hyperparameter (``hp.<name>``) or the collected
   budget, mean ± std over seeds (HiDFD Figure 2); a study's trials are drawn as points;
+  KD-collected at the panel's budget and the teacher are reference lines;
+* :func:`plot_budget`: accuracy against the collected budget per method (HiDFD's claim), the
+  data-free methods and the teacher as reference lines;
+* :func:`plot_compute`: accuracy against each run's training FLOPs (or wall seconds);
 * :func:`plot_curves`: validation accuracy against iteration per method;
 * :func:`plot_samples`: a run's ``samples.png``.
 
-Figures are written as PNG and PDF under ``<results>/plots`` and logged to MLflow (a run tagged
-``dfkd.kind=plot`` in the experiment they are drawn from).
+Figures are written as PNG and PDF under ``<results>/plots`` and logged to MLflow under
+``plots/`` of the experiment's latest grid (parent) run, or of a ``dfkd.kind=plot`` run when the
+experiment has none (a study).
 """
 from __future__ import annotations
 
