@@ -356,7 +356,7 @@ def sensitivity_axes(ax: Any, frame: pd.DataFrame, param: str, metric: str) -> p
     unit = "" if param in LABELS else " (value)"
     ax.set_xlabel(LABELS.get(param, param) + unit)
     seeds = [p["n"] for p in points if not str(p["method"]).endswith(" trial")]
-    ax.set_ylabel(METRIC_LABELS.get(metric, metric) + (f", mean ± std over {_seeds(seeds)}" if seeds else ""))
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric) + (f", {_over(seeds)}" if seeds else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return pd.DataFrame(points)
@@ -439,6 +439,12 @@ def _seeds(counts: Sequence[int] | pd.Series) -> str:
     if len(values) == 1:
         return f"{values[0]} seed{'s' if values[0] != 1 else ''}"
     return f"{values[0]}–{values[-1]} seeds"
+
+
+def _over(counts: Sequence[int] | pd.Series) -> str:
+    """``mean ± std over 3 seeds``, or ``one seed (no spread)`` when no point has more than one run."""
+    values = [int(n) for n in counts]
+    return "one seed (no spread)" if values and max(values) == 1 else f"mean ± std over {_seeds(values)}"
 
 
 def _teacher_line(ax: Any, runs: pd.DataFrame) -> dict[str, Any] | None:
@@ -620,7 +626,7 @@ def plot_budget(uri: str, results: Path, experiment: str | None, metric: str = "
         ax.set_xticks(budgets, [f"{b:,}" for b in budgets])
         ax.minorticks_off()
         ax.set_xlabel("collected examples (count, log scale; labels never used)")
-        ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)}, mean ± std over {_seeds(counts)}")
+        ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)}, {_over(counts)}")
         ax.set_title(f"{dataset}, {pair}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
