@@ -214,7 +214,8 @@ def paper_layout(long: pd.DataFrame) -> tuple[list[tuple[str, list[int]]], list[
         rows.append((method, [cell(index[(method, g, b)]) if (method, g, b) in index else "–"
                               for g, budgets in groups for b in budgets]))
     n = next(iter(counts)) if uniform else None
-    note = f"mean ± std over {n} seed{'s' if n != 1 else ''}" if uniform else "mean ± std (runs per cell)"
+    note = ("one seed (no spread)" if n == 1 else f"mean ± std over {n} seeds") if uniform else \
+        "mean ± std (runs per cell)"
     return groups, rows, note
 
 
