@@ -1,14 +1,20 @@
 """Result tables and figures from the MLflow store (pandas frames from ``mlflow.search_runs``).
 
 * :func:`results_table`: methods × (dataset, budget) test accuracy, mean ± std over seeds, the
-  number of runs per cell and a teacher row;
+  number of runs per cell and a teacher row; ``layout="paper"``: a row per method and objective,
+  the teacher once per dataset;
 * :func:`plot_sensitivity`: accuracy against one hyperparameter (``hp.<name>``) or the collected
   budget, mean ± std over seeds (HiDFD Figure 2); a study's trials are drawn as points;
+  KD-collected at the panel's budget and the teacher are reference lines;
+* :func:`plot_budget`: accuracy against the collected budget per method (HiDFD's claim), the
+  data-free methods and the teacher as reference lines;
+* :func:`plot_compute`: accuracy against each run's training FLOPs (or wall seconds);
 * :func:`plot_curves`: validation accuracy against iteration per method;
 * :func:`plot_samples`: a run's ``samples.png``.
 
-Figures are written as PNG and PDF under ``<results>/plots`` and logged to MLflow (a run tagged
-``dfkd.kind=plot`` in the experiment they are drawn from).
+Figures are written as PNG and PDF under ``<results>/plots`` and logged to MLflow under
+``plots/`` of the experiment's latest grid (parent) run, or of a ``dfkd.kind=plot`` run when the
+experiment has none (a study).
 """
 from __future__ import annotations
 
@@ -247,7 +253,8 @@ def paper_layout(long: pd.DataFrame) -> tuple[list[tuple[str, list[int]]], list[
         rows.append((method, [cell(index[(method, g, b)]) if (method, g, b) in index else "–"
                               for g, budgets in groups for b in budgets]))
     n = next(iter(counts)) if uniform else None
-    note = f"mean ± std over {n} seed{'s' if n != 1 else ''}" if uniform else "mean ± std (runs per cell)"
+    note = ("one seed (no spread)" if n == 1 else f"mean ± std over {n} seeds") if uniform else \
+        "mean ± std (runs per cell)"
     return groups, rows, note
 
 
@@ -389,7 +396,7 @@ def sensitivity_axes(ax: Any, frame: pd.DataFrame, param: str, metric: str) -> p
     unit = "" if param in LABELS else " (value)"
     ax.set_xlabel(LABELS.get(param, param) + unit)
     seeds = [p["n"] for p in points if not str(p["method"]).endswith(" trial")]
-    ax.set_ylabel(METRIC_LABELS.get(metric, metric) + (f", mean ± std over {_seeds(seeds)}" if seeds else ""))
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric) + (f", {_over(seeds)}" if seeds else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return pd.DataFrame(points)
@@ -472,6 +479,12 @@ def _seeds(counts: Sequence[int] | pd.Series) -> str:
     if len(values) == 1:
         return f"{values[0]} seed{'s' if values[0] != 1 else ''}"
     return f"{values[0]}–{values[-1]} seeds"
+
+
+def _over(counts: Sequence[int] | pd.Series) -> str:
+    """``mean ± std over 3 seeds``, or ``one seed (no spread)`` when no point has more than one run."""
+    values = [int(n) for n in counts]
+    return "one seed (no spread)" if values and max(values) == 1 else f"mean ± std over {_seeds(values)}"
 
 
 def _teacher_line(ax: Any, runs: pd.DataFrame) -> dict[str, Any] | None:
@@ -653,7 +666,7 @@ def plot_budget(uri: str, results: Path, experiment: str | None, metric: str = "
         ax.set_xticks(budgets, [f"{b:,}" for b in budgets])
         ax.minorticks_off()
         ax.set_xlabel("collected examples (count, log scale; labels never used)")
-        ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)}, mean ± std over {_seeds(counts)}")
+        ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)}, {_over(counts)}")
         ax.set_title(f"{dataset}, {pair}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")

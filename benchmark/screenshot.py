@@ -89,7 +89,9 @@ def screenshot(browser: str, url: str, out: Path, size: str, budget_ms: int, tim
     out.parent.mkdir(parents=True, exist_ok=True)
     width, height = size.lower().split("x")
     command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
-               f"--window-size={width},{height}", f"--virtual-time-budget={budget_ms}", f"--screenshot={out}", url]
+               f"--window-size={width},{height}", f"--virtual-time-budget={budget_ms}",
+               # RUNNING runs keep the page polling, so virtual time may never settle: a wall-clock stop too
+               f"--timeout={budget_ms + 60_000}", f"--screenshot={out}", url]
     subprocess.run(command, check=True, timeout=timeout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if not out.is_file() or out.stat().st_size == 0:
         raise SystemExit(f"Chromium wrote no screenshot to {out}")

@@ -353,3 +353,22 @@ def test_sensitivity_panels_show_kd_collected_and_the_teacher(tmp_path: Path) ->
     log_cell(client, other, "kd-collected", 0, 100, 0.80, {"objective": "kd"}, [0.8])
     _, points = plot_sensitivity(uri, results, "sens", "lambda_d", reference_experiment="sens-kd")
     assert points[points.kind == "reference"]["mean"].tolist() == pytest.approx([80.0])
+
+
+def test_ui_prints_each_grid_runs_page_and_tags_older_experiments(budget_store) -> None:
+    from benchmark.cli.ui_cmd import experiment_pages
+    from methods.core.errors import DfkdError
+
+    results, _, _ = budget_store
+    uri = tracking.default_tracking_uri(results)
+    client = tracking.open_client(uri)
+    old = client.create_experiment("made-before-the-tags")  # as by an earlier version
+    assert "mlflow.experimentKind" not in client.get_experiment(old).tags
+    pages = dict((name, (cells, grouped)) for name, cells, grouped in experiment_pages(uri, "http://127.0.0.1:5000", None))
+    exp = tracking.find_experiment(client, "budget-tiny")
+    assert pages["budget-tiny"] == (f"http://127.0.0.1:5000/#/experiments/{exp}/runs?viewStateShareKey=dfkd-cells",
+                                    f"http://127.0.0.1:5000/#/experiments/{exp}/runs?viewStateShareKey=dfkd-by-group")
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert [p[0] for p in experiment_pages(uri, "http://h:1", "budget-tiny")] == ["budget-tiny"]
+    with pytest.raises(DfkdError, match="no MLflow experiment 'nope'"):
+        experiment_pages(uri, "http://h:1", "nope")

@@ -70,9 +70,8 @@ def ui_command(host: str, port: int, experiment: str | None, tracking_uri: str |
     """
     uri = resolve_tracking_uri(settings.results, tracking_uri)
     if not is_local(uri):
-        click.echo(f"the tracking store is a server: open {uri} in a browser")
-        for name, page, grouped in experiment_pages(uri, uri, experiment):
-            click.echo(f"  {name}: {page}\n  {name} (seeds grouped): {grouped}")
+        click.echo(f"the tracking store is a server: open {uri} in a browser "
+                   f"(a grid's runs page: {runs_page_url(uri, '<experiment id>')})")
         return
     exists = not uri.startswith("sqlite:///") or os.path.exists(uri[len("sqlite:///"):])
     command = ui_command_line(uri, artifact_root(settings.results).as_uri(), host, port)
