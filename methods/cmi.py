@@ -130,9 +130,10 @@ def contrastive_loss(head: nn.Module, local: Tensor, global_: Tensor, negatives:
 
 # Quick CPU profile [ours, spec §6]: same losses and weights; generator width 8 (on MNIST the generator
 # dominates the cost), 10 epochs of 256 images at 30 synthesis steps, 40 KD steps at B 256, a smaller bank.
+_MNIST_PAPER = {"nz": 100, "lr_s": 0.01}  # lr as DeepInversion's MNIST recipe (methods/adi.py) [ours]
 _MNIST_QUICK = {
-    "iterations": 10, "eval_every": 2, "b_syn": 256, "g_steps": 30, "kd_steps": 40, "batch_size": 256,
-    "ngf": 8, "nz": 100, "bank_size": 4096, "n_neg": 1024,
+    **_MNIST_PAPER, "iterations": 10, "eval_every": 2, "b_syn": 256, "g_steps": 30, "kd_steps": 40, "batch_size": 256,
+    "ngf": 8, "bank_size": 4096, "n_neg": 1024,
 }
 _CIFAR_QUICK = {"iterations": 20, "eval_every": 5, "b_syn": 128, "g_steps": 100, "kd_steps": 200, "ngf": 32,
                 "cr_features": "stages"}
@@ -159,7 +160,7 @@ class CMI(InversionMethod):
         "g_steps": CategoricalDistribution([50, 100, 200, 500]),
     }
     profiles = {
-        "paper": {"mnist": {"nz": 100}, "fashion-mnist": {"nz": 100}, "cifar10": _CIFAR_PAPER,
+        "paper": {"mnist": _MNIST_PAPER, "fashion-mnist": _MNIST_PAPER, "cifar10": _CIFAR_PAPER,
                   "cifar100": _CIFAR_PAPER},
         "quick": {"mnist": _MNIST_QUICK, "fashion-mnist": _MNIST_QUICK, "cifar10": _CIFAR_QUICK,
                   "cifar100": _CIFAR_QUICK},
