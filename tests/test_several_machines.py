@@ -457,3 +457,29 @@ def test_push_to_something_that_is_not_a_server_is_one_line_exit_2(case: str, tm
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert ("is not an MLflow tracking server" if case == "not-mlflow" else "cannot reach the MLflow") in result.output
     assert sorted(str(p) for p in results.rglob("*")) == before
+
+
+def test_a_worker_refuses_a_cell_whose_teacher_is_not_the_grids(tmp_path: Path) -> None:
+    """The check in every cell (a teacher swapped under a running grid): one line naming both checksums."""
+    from types import SimpleNamespace
+
+    from benchmark.runner import RunnerConfig, Worker
+    from benchmark.settings import Settings
+
+    plan = expand(load_grid(write_grid(tmp_path, """\
+        name: refuse
+        iterations: 10
+        budgets: [100]
+        datasets: [mnist]
+        methods: [{name: kd-collected, overrides: {objective: kd}}]
+        """)))
+    cell = plan.cells[0]
+    config = RunnerConfig(results=str(tmp_path), data_dir=".", device="cpu", tracking_uri="", storage="", study="",
+                          experiment_id="", parent_run_id="", code_version="", grid="refuse",
+                          teachers=(("mnist", "lenet5", "a" * 64),))
+    worker = SimpleNamespace(config=config, settings=Settings(tmp_path, Path("."), "cpu"))
+    Worker.check_teacher(worker, cell, {"sha256": "a" * 64})  # the grid's teacher: accepted
+    with pytest.raises(DfkdError) as error:
+        Worker.check_teacher(worker, cell, {"sha256": "b" * 64})
+    assert str(error.value).startswith(f"the cached teacher mnist/lenet5@{'b' * 12} ")
+    assert f"differs from grid refuse's teacher @{'a' * 12}" in str(error.value) and "\n" not in str(error.value)
