@@ -73,8 +73,10 @@ def check_launcher(launcher: str, slurm: SlurmOptions | None) -> None:
     if launcher not in LAUNCHERS:
         raise DfkdError(f"unknown launcher {launcher!r}; allowed: {', '.join(LAUNCHERS)}")
     if launcher != "processes":
-        _require_submitit(launcher)
+        sub = _require_submitit(launcher)
         parse_slurm_time((slurm or SlurmOptions()).time)
+        if launcher == "slurm" and not sub.SlurmExecutor.affinity() > 0:
+            raise DfkdError("--launcher slurm needs Slurm's srun and sbatch on PATH; run it on the cluster's login node")
 
 
 def make_executor(launcher: str, folder: Path, workers: int, grid: str, slurm: SlurmOptions | None = None) -> Any:
