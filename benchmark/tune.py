@@ -45,7 +45,7 @@ from .cpu_tuning import tune_malloc
 from .experiment import RunSpec, check, load_data
 from .grid import make_cell
 from .settings import Settings
-from .teachers import read_manifest
+from .teachers import load_teacher, read_manifest
 from .workqueue import DEFAULT_HEARTBEAT, fail_stale, open_storage
 
 if TYPE_CHECKING:
@@ -313,7 +313,8 @@ def tune(config: TuneConfig, workers: int = 1, echo: Echo | None = None) -> Tune
     """Run (or resume) a study until it holds ``config.trials`` finished trials."""
     check(config.spec({}))
     search_space(config.method, config.params)
-    read_manifest(Path(config.results), config.dataset, config.teacher)
+    # the teacher loads (checksum, weights_only=True) before anything is written: a bad file is one line, exit 2
+    load_teacher(Path(config.results), config.dataset, config.teacher)
     client = tracking.open_client(config.tracking_uri)
     experiment_id = tracking.ensure_experiment(client, config.study, Path(config.results), config.tracking_uri)
     config = TuneConfig(**{**config.__dict__, "experiment_id": experiment_id,

@@ -82,8 +82,12 @@ def test_batched_crop_and_flip_keep_shape_and_content():
     # each crop is a shifted copy: its non-padded pixels are a sub-window of the original
     same = apply_augment(x, Augment())
     assert torch.equal(same, x)
+    torch.manual_seed(0)
     flipped = apply_augment(x, Augment(flip=True))
-    assert all(torch.equal(f, o) or torch.equal(f, o.flip(-1)) for f, o in zip(flipped, x))
+    kept = [torch.equal(f, o) for f, o in zip(flipped, x)]
+    mirrored = [torch.equal(f, o.flip(-1)) for f, o in zip(flipped, x)]
+    assert all(k != m for k, m in zip(kept, mirrored))  # each image is either kept or mirrored, exactly
+    assert 0 < sum(mirrored) < len(x)  # and both happen (p = 1/2 each, seeded)
     rrc = apply_augment(x, Augment(resized_crop_scale=(0.08, 1.0), flip=True))
     assert rrc.shape == x.shape and torch.isfinite(rrc).all()
 

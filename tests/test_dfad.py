@@ -190,4 +190,6 @@ def test_short_mnist_run_beats_chance_by_far(mnist: TaskData, lenet5_teacher: nn
     student = zoo.build("lenet5-half", 10, 1)
     result = distill(lenet5_teacher, student, Budget(iterations=60), method="dfad", data=tiny_task(mnist, 2000),
                      profile="quick", overrides={"eval_every": 60})
-    assert result.test_accuracy > 0.5, result.history[-1].metrics
+    # quick MNIST recipe cut to 60 iterations, its ×0.1 LR drop inside (at 80% = iteration 48): test on the
+    # 2,000-image split 0.745 / 0.868 / 0.656 over seeds 0-2 (student init and run seed); chance is 0.1
+    assert result.test_accuracy > 0.4, result.history[-1].metrics

@@ -73,7 +73,7 @@ def test_feature_integration_trains_the_discriminator_feature_head() -> None:
         if name.startswith(("fi.", "blocks.")) and "original" in name:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
         if name.startswith(("adv.", "adc.")):
-            assert p.grad is None or p.grad.abs().sum() == 0, name
+            assert p.grad is None, name  # not in L_FI's graph at all
     assert phi.grad is None
 
 
@@ -203,7 +203,7 @@ def test_short_mnist_run_learns(mnist, lenet5_teacher) -> None:
     recorder = Recorder()
     result = distill(lenet5_teacher, zoo.build("lenet5-half", 10, 1), Budget(collected=100), method="hidfd",
                      data=mnist, overrides=overrides, callbacks=[recorder])
-    assert result.test_accuracy > 0.8  # chance is 0.1; ~0.95 measured
+    assert result.test_accuracy > 0.8  # chance is 0.1; 0.944 / 0.926 / 0.939 over seeds 0-2 (student init, run seed)
     assert {"gan/loss_d", "gan/fi", "gan/cfs", "gan/teacher_agrees"} <= set(recorder.metrics)
 
 

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from benchmark import zoo
 from methods import Budget, distill
@@ -34,7 +35,10 @@ def test_simkd_predictor_uses_frozen_teacher_head(lenet5_teacher):
     x = torch.randn(4, 1, 32, 32)
     projected = predictor.projected(x)
     assert projected.shape == (4, 120, 1, 1)
-    assert torch.allclose(predictor(x), lenet5_teacher.head(projected.flatten(1)))
+    # expected output built outside the predictor: P(F_S) → GAP → the teacher's own head (spec §2.6)
+    with torch.no_grad():
+        expected = lenet5_teacher.head(F.adaptive_avg_pool2d(projector(student.features(x).map), 1).flatten(1))
+        assert torch.allclose(predictor(x), expected, atol=1e-6)
     t_map = lenet5_teacher.features(x).map
     assert simkd_loss(projected, t_map).item() == pytest.approx(((projected - t_map) ** 2).mean().item(), rel=1e-6)
     assert simkd_loss(t_map, t_map).item() == 0.0
@@ -48,7 +52,8 @@ def _student():
 def test_kd_real_learns_on_mnist(mnist, lenet5_teacher):
     result = distill(lenet5_teacher, _student(), Budget(iterations=300), method="kd-real", data=mnist,
                      overrides={"eval_every": 150})
-    assert result.test_accuracy > 0.9, result.test_accuracy
+    # test 0.942 / 0.949 / 0.913 over seeds 0-2 (student init and run seed; 2-epoch teacher): min − 11 points
+    assert result.test_accuracy > 0.8, result.test_accuracy
     assert result.teacher_images == 300 * 128
     assert [e.iteration for e in result.history] == [150, 300]
 
@@ -57,7 +62,8 @@ def test_kd_real_learns_on_mnist(mnist, lenet5_teacher):
 def test_kd_collected_learns_from_100_examples(mnist, lenet5_teacher, objective):
     result = distill(lenet5_teacher, _student(), Budget(collected=100, iterations=300), method="kd-collected",
                      data=mnist, overrides={"objective": objective, "eval_every": 300})
-    assert result.test_accuracy > 0.7, result.test_accuracy  # chance is 0.1
+    # test over seeds 0-2: simkd 0.942 / 0.938 / 0.933, kd 0.925 / 0.941 / 0.942; chance is 0.1
+    assert result.test_accuracy > 0.7, result.test_accuracy
     assert result.teacher_images == 300 * 64
     assert math.isfinite(result.history[-1].metrics["loss/student"])
     if objective == "simkd":

@@ -112,8 +112,7 @@ def test_sensitivity_panel_and_figure2(store) -> None:
     # one-at-a-time slice: lambda_g at its base, collected at its base (100): 3 lambda_d values x 2 seeds
     assert sorted(points["x"]) == [0.1, 1.0, 10.0] and set(points["n"]) == {2}
     at_one = points[points.x == 1.0].iloc[0]
-    assert at_one["mean"] == pytest.approx(100 * (0.9 + 0.9005), rel=1e-6) or \
-        at_one["mean"] == pytest.approx(100 * 0.9005, abs=1e-6)
+    assert at_one["mean"] == pytest.approx(100 * (0.900 + 0.901) / 2, abs=1e-6)  # seeds 0 and 1 at lambda_d = 1
     _, collected = plot_sensitivity(tracking.default_tracking_uri(results), results, "sweep", "collected")
     collected = collected[collected.kind == "swept"]
     assert sorted(collected["x"]) == [100.0, 1000.0]
@@ -159,8 +158,7 @@ def test_sensitivity_grid_sweeps_figure2_parameters() -> None:
     entry = data["methods"][0]
     assert entry["name"] == "hidfd" and set(entry["sweep"]) == {"lambda_d", "lambda_g", "inflation", "collected"}
     assert len(entry["sweep"]["collected"]) >= 3 and len(data["seeds"]) >= 2
-    if "hidfd" not in method_names():
-        pytest.skip("hidfd is not registered on this branch")
+    assert "hidfd" in method_names()  # a registry regression fails here, it is not skipped
     from benchmark.grid import expand
 
     plan = expand(load_grid("hidfd-sensitivity"))
