@@ -101,7 +101,7 @@ def distill_json(results_dir, data_root, *args: str) -> dict:
     out = CliRunner().invoke(main, ["distill", "--dataset", "mnist", "--student", "lenet5-half", "--device", "cpu",
                                     "--results", str(results_dir), "--data-dir", str(data_root), "--json", *args])
     assert out.exit_code == 0, out.output
-    return json.loads(out.output.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 HIDFD_TINY = ("--set", "gan_iterations=2", "--set", "gan_batch_size=8", "--set", "n_synth=20",

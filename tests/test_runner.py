@@ -217,7 +217,7 @@ def test_default_grid_dry_run_lists_every_method_and_the_budgets_that_fit(tmp_pa
     # pair a method would prefer; the expected pair is written here, not read from the grid or the methods.
     result = CliRunner().invoke(main, ["run", "--grid", "--dry-run", "--json", "--results", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    out = json.loads(result.output)
+    out = json.loads(result.stdout)
     assert out["name"] == "default"
     assert out["tracking_uri"] == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
     fits = {CollectedUse.NONE: [0], CollectedUse.REQUIRED: [100, 1000], CollectedUse.OPTIONAL: [0, 100, 1000]}

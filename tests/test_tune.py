@@ -145,7 +145,7 @@ def test_cli_tunes_kd_collected_and_exports_a_grid(tmp_path: Path, results: Path
             "--json"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["counts"]["complete"] == 2
     assert set(report["best"]["params"]) == set(get_method("kd-collected").search_space)
     assert 0 <= report["best"]["best_val_accuracy"] <= 1
