@@ -36,7 +36,7 @@ the CE/adversarial terms are met by off-manifold patterns that carry no transfer
 **Two CE weights [ours, spec §3.4].** The README's η = 0.7 was set for a CE on softmax outputs; on
 logits it is ~10× stronger.  In G it drives the conditioning (``eta_g`` = 0.7); in S it trains the
 student towards preset labels G does not honour yet (label noise that grows as S matches T, so
-validation accuracy peaks and falls), so ``eta_s`` is separate, default ETA_S_DEFAULT (measured, below).
+validation accuracy peaks and falls), so ``eta_s`` is separate, default 0.05 (see ETA_S_DEFAULT).
 
 **Adapter [ours].** When the student's vec width differs from the teacher's (LeNet-5-half → LeNet-5,
 WRN-16-1 → WRN-40-2, ...), u_S passes through Linear(d_S, d_S)-ReLU-Linear(d_S, d_T), bias-free,
@@ -75,7 +75,9 @@ from .core.schedules import scheduler, sgd
 
 ITERATIONS_PER_EPOCH = 50  # the released code's synthetic "epoch" (spec §1.2)
 RELEASED_WARMUP_EPOCHS = 10
-ETA_S_DEFAULT = 0.05  # measured on quick MNIST lenet5-bn (see the module docstring)
+# eta_s default: spec §3.4's measurement (one η = 0.05 for G and S, quick MNIST lenet5-bn, seed 0: 96.54%
+# test, validation rising throughout, against 86.11% at 0.7).  A sweep over [0, 0.1] x seeds is still to do.
+ETA_S_DEFAULT = 0.05
 
 
 @dataclass
