@@ -10,6 +10,7 @@ from torch import nn
 from benchmark import zoo
 from methods import get_method
 from methods.core.contrastive import FrozenAdapter, supcon_loss, two_view_supcon
+from methods.core.errors import DfkdError
 from methods.core.hooks import BNStatisticsLoss
 from methods.core.schedules import scheduler
 from methods.cpsc import CPSC, label_ce, released_schedule
@@ -197,10 +198,12 @@ def test_update_order_is_g_steps_then_s_steps(lenet5_bn_teacher, monkeypatch, da
     assert result.teacher_images == 2 * 11 * 8  # one teacher forward per step
 
 
-def test_teacher_without_bn_is_flagged(lenet5_teacher, data_free_run) -> None:
-    assert "lenet5-bn" in get_method("cpsc").notes
-    result = data_free_run("cpsc", lenet5_teacher, **TINY)
-    assert "bn_loss_unavailable" in result.flags
+def test_teacher_without_bn_is_refused_with_one_line_naming_lenet5_bn(lenet5_teacher, data_free_run) -> None:
+    # without L_BN CPSC's student stayed at chance (methods/cpsc.py): a BN-less teacher is refused
+    assert get_method("cpsc").needs_teacher_bn and "lenet5-bn" in get_method("cpsc").notes
+    with pytest.raises(DfkdError, match=r"'cpsc' matches the teacher's BatchNorm.*lenet5-bn") as err:
+        data_free_run("cpsc", lenet5_teacher, **TINY)
+    assert "\n" not in str(err.value)
 
 
 def test_eta_s_weighs_the_student_ce_and_eta_g_the_generator_ce(lenet5_bn_teacher, data_free_run, metric_spy) -> None:
