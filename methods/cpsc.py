@@ -85,26 +85,26 @@ ETA_S_DEFAULT = 0.05
 class CPSCHparams(CommonHparams):
     """Defaults: the CIFAR-100 README recipe (spec §3.4); MNIST values come from the profiles."""
 
-    iterations: int = 30_000
-    batch_size: int = 512
-    eval_every: int = 50
-    nz: int = 256
-    ngf: int = 64
-    g_steps: int = 6
-    s_steps: int = 5
-    alpha: float = 5.0  # IKD (logit distance) weight, G and S
-    beta: float = 1.0  # BN-statistics weight, G
-    gamma: float = 0.7  # supervised contrastive weight, G
+    iterations: int = hparam(30_000, ge=1)
+    batch_size: int = hparam(512, ge=1)
+    eval_every: int = hparam(50, ge=1)
+    nz: int = hparam(256, ge=1)
+    ngf: int = hparam(64, ge=1)
+    g_steps: int = hparam(6, ge=1)
+    s_steps: int = hparam(5, ge=1)
+    alpha: float = hparam(5.0, ge=0)  # IKD (logit distance) weight, G and S
+    beta: float = hparam(1.0, ge=0)  # BN-statistics weight, G
+    gamma: float = hparam(0.7, ge=0)  # supervised contrastive weight, G
     eta_g: float = hparam(0.7, ge=0)  # preset-label CE weight in G (README η, spec §3.4)
     eta_s: float = hparam(ETA_S_DEFAULT, ge=0)  # preset-label CE weight in S [ours, measured; spec §3.4]
-    tau_scl: float = 0.07
+    tau_scl: float = hparam(0.07, gt=0)
     ikd_form: Literal["auto", "log", "linear"] = "auto"  # auto: log when C = 10, else linear
-    lr_s: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup: int = 500  # S warm-up iterations before the cosine
-    lr_g: float = 1e-3
-    g_betas: tuple[float, ...] = (0.5, 0.999)
+    lr_s: float = hparam(0.1, gt=0)
+    momentum: float = hparam(0.9, ge=0, lt=1)
+    weight_decay: float = hparam(5e-4, ge=0)
+    warmup: int = hparam(500, ge=0)  # S warm-up iterations before the cosine
+    lr_g: float = hparam(1e-3, gt=0)
+    g_betas: tuple[float, ...] = hparam((0.5, 0.999), ge=0, lt=1)
     # released-code behaviour, off by default (spec §3.4 "Released-code deviations")
     g_opt_reset_each_step: bool = False
     ce_on_probs: bool = False

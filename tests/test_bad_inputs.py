@@ -173,9 +173,7 @@ def _numeric(annotation) -> bool:
     return any(_numeric(a) for a in typing.get_args(annotation) if a is not type(None) and a is not Ellipsis)
 
 
-# CPSC's dataclass is owned by issue 12 (it declares CPSC's ranges there); strict: passes once that lands.
-CPSC_PENDING = pytest.mark.xfail(strict=True, reason="CPSC's ranges are declared in issue 12's branch")
-METHODS = [pytest.param(m, marks=CPSC_PENDING) if m == "cpsc" else m for m in method_names()]
+METHODS = method_names()
 
 
 @pytest.mark.parametrize("method", METHODS)
