@@ -124,7 +124,8 @@ class CGDD(Method):
     def run(self, ctx: DistillContext) -> None:
         hp: CGDDHparams = self.hp  # type: ignore[assignment]
         generator = GeneratorD(ctx.num_classes, hp.nz, hp.ngf, ctx.channels, ctx.size).to(ctx.device).train()
-        ctx.track("generator", generator, *sample_conditional(generator, 2, ctx.num_classes, ctx.device))
+        ctx.track("generator", generator, torch.zeros(2, hp.nz, device=ctx.device),
+                  torch.zeros(2, dtype=torch.long, device=ctx.device))  # no RNG draw: runs stay as before
         bn = BNStatisticsLoss(ctx.teacher.net)
         use_bn = hp.lambda_bn > 0 and bn.available
         if hp.lambda_bn > 0 and not bn.available:

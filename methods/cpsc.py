@@ -193,7 +193,8 @@ class CPSC(Method):
         hp: CPSCHparams = self.hp  # type: ignore[assignment]
         form = hp.ikd_form if hp.ikd_form != "auto" else ("log" if ctx.num_classes == 10 else "linear")
         generator = GeneratorD(ctx.num_classes, hp.nz, hp.ngf, ctx.channels, ctx.size).to(ctx.device).train()
-        ctx.track("generator", generator, *sample_conditional(generator, 2, ctx.num_classes, ctx.device))
+        ctx.track("generator", generator, torch.zeros(2, hp.nz, device=ctx.device),
+                  torch.zeros(2, dtype=torch.long, device=ctx.device))  # no RNG draw: runs stay as before
         adapter = self._adapter(ctx, hp.adapter_renorm)
         bn = BNStatisticsLoss(ctx.teacher.net)
         use_bn = hp.beta > 0 and bn.available  # a BN-less teacher never gets here (needs_teacher_bn)

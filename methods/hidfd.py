@@ -335,7 +335,7 @@ def train_gan(ctx: DistillContext, hp: HiDFDHparams, real: ImageSet) -> torch.nn
     D = BigGANDiscriminator(num_classes, ctx.channels, teacher_feature_dim(ctx), ch=hp.gan_ch).to(dev).train()
     if G.size != ctx.size:
         raise ValueError(f"BigGAN-32 emits {G.size}px images; the task needs {ctx.size}px")
-    z_example = torch.randn(2, hp.nz, device=dev), torch.zeros(2, dtype=torch.long, device=dev)
+    z_example = torch.zeros(2, hp.nz, device=dev), torch.zeros(2, dtype=torch.long, device=dev)  # no RNG draw
     ctx.track("generator", G, *z_example)
     ctx.track("discriminator", D, torch.zeros(2, ctx.channels, ctx.size, ctx.size, device=dev))
     betas = (hp.gan_beta1, hp.gan_beta2)
