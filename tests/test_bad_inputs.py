@@ -227,5 +227,5 @@ def test_tuning_samples_go_through_the_range_check(monkeypatch, workspace) -> No
     monkeypatch.setattr(tune_module.Tuner, "objective", objective)
     results, _, _, invoke = workspace
     invoke(*TUNE)
-    assert seen and "for hyperparameter 'lr' of method 'kd-collected'; allowed: >= 0" in seen[0], seen
+    assert seen and "for hyperparameter 'lr' of method 'kd-collected'; allowed: > 0" in seen[0], seen
 
