@@ -156,7 +156,9 @@ def test_one_iteration_is_one_generator_and_one_student_step(mnist: TaskData) ->
         for handle in handles:
             handle.remove()
     assert steps == {"G": 3, "S": 3}
-    assert generator_forwards == [True] * 3 + [False]  # one G forward per iteration, eval for the grid
+    # the harness measures G's FLOPs once on an example (eval mode) before training; then one G forward per
+    # iteration, and eval for the sample grid
+    assert generator_forwards == [False] + [True] * 3 + [False]
     assert result.teacher_images == 3 * 16  # one teacher forward per iteration
     assert all(p.grad is None for p in teacher.parameters())
     assert result.artifacts["samples"].dtype == torch.uint8

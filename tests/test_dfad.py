@@ -157,7 +157,8 @@ def test_one_iteration_is_k_student_steps_and_one_generator_step(mnist: TaskData
             handle.remove()
     assert steps == {"SGD": k, "Adam": 1}
     assert result.teacher_images == (k + 1) * 16
-    assert generator_modes == [True] * (k + 1) + [False]  # train while training, eval for the final samples
+    # eval for the harness's one FLOP probe, train while training, eval for the final samples
+    assert generator_modes == [False] + [True] * (k + 1) + [False]
     assert all(p.grad is None for p in teacher.parameters())
     assert not teacher.training
     grid = result.artifacts["samples"]

@@ -149,7 +149,8 @@ def test_one_pseudo_batch_is_one_g_step_then_ten_s_steps_on_one_z(mnist: TaskDat
     def on_forward(module: nn.Module, args: tuple) -> None:
         if isinstance(module, GeneratorA) and module.training:
             z_seen.append(args[0].clone())
-        elif module is student.conv1:  # S's input (features() bypasses S's forward)
+        elif module is student.conv1 and module.training:  # S's training input (features() bypasses S's
+            # forward; eval-mode calls are the harness's FLOP probe and validation)
             x_seen.append(args[0].clone())
 
     handles = [register_optimizer_step_post_hook(count), nn.modules.module.register_module_forward_pre_hook(on_forward)]
