@@ -99,7 +99,7 @@ class CPSCHparams(CommonHparams):
     eta_s: float = hparam(ETA_S_DEFAULT, ge=0)  # preset-label CE weight in S [ours, measured; spec §3.4]
     tau_scl: float = hparam(0.07, gt=0)
     ikd_form: Literal["auto", "log", "linear"] = "auto"  # auto: log when C = 10, else linear
-    lr_s: float = hparam(0.1, gt=0)
+    lr_s: float = hparam(0.1, ge=0)  # 0 freezes the student (tests of G alone)
     momentum: float = hparam(0.9, ge=0, lt=1)
     weight_decay: float = hparam(5e-4, ge=0)
     warmup: int = hparam(500, ge=0)  # S warm-up iterations before the cosine
