@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from methods import get_method
+from methods.core.student_stage import student_lr
 
 
 def resolved(method: str, dataset: str, profile: str = "paper"):
@@ -38,7 +39,8 @@ def test_hidfd_gan_and_student_recipes(dataset: str, gan_iterations: int, studen
     # EMA 0.9999, plain copy until iteration 1,000; synthesis: 50,000 images from G_ema; inflation N = 10
     assert (hp.ema_decay, hp.ema_start, hp.n_synth, hp.synth_use_ema, hp.inflation) == (0.9999, 1_000, 50_000, True, 10)
     # student: SGD 0.05, momentum 0.9, wd 5e-4, B 64; ×0.1 at 62.5 / 75 / 87.5 % of the steps; eval_every 1,563
-    assert (hp.lr, hp.momentum, hp.weight_decay, hp.batch_size) == (0.05, 0.9, 5e-4, 64)
+    lr = student_lr(hp.objective, hp.lr)  # None = the objective's default: SimKD's 0.05
+    assert (hp.objective, lr, hp.momentum, hp.weight_decay, hp.batch_size) == ("simkd", 0.05, 0.9, 5e-4, 64)
     assert hp.iterations == student_steps and hp.eval_every == 1_563
     assert hp.schedule == "multistep" and step_fractions(hp) == [0.625, 0.75, 0.875]
 
