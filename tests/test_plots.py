@@ -185,11 +185,11 @@ def test_grid_sweep_varies_one_value_at_a_time() -> None:
 BUDGET_GRID = {"name": "budget-tiny", "seeds": [0, 1, 2], "budgets": [10, 100], "datasets": ["mnist"], "methods": [
     {"name": "hidfd"}, {"name": "kd-collected", "overrides": {"objective": "simkd"}, "sweep": {"objective": ["kd"]}},
     {"name": "dfad", "budgets": [0]}]}
-TESTS = {("hidfd", 10): (0.90, 0.92, 0.94), ("hidfd", 100): (0.95, 0.96, 0.97),
+TESTS = {("hidfd (simkd)", 10): (0.90, 0.92, 0.94), ("hidfd (simkd)", 100): (0.95, 0.96, 0.97),
          ("kd-collected (simkd)", 10): (0.80, 0.81, 0.82), ("kd-collected (simkd)", 100): (0.93, 0.95, 0.97),
          ("kd-collected (kd)", 10): (0.70, 0.74, 0.78), ("kd-collected (kd)", 100): (0.90, 0.90, 0.90),
          ("dfad", 0): (0.85, 0.87, 0.89)}
-FLOPS = {"hidfd": 4e12, "kd-collected (simkd)": 1e12, "kd-collected (kd)": 5e11, "dfad": 8e12}
+FLOPS = {"hidfd (simkd)": 4e12, "kd-collected (simkd)": 1e12, "kd-collected (kd)": 5e11, "dfad": 8e12}
 
 
 def line_of(cell) -> str:
@@ -252,11 +252,11 @@ def test_budget_plot_draws_the_tracked_means_and_logs_to_the_parent_run(budget_s
     plotted = plot_budget(tracking.default_tracking_uri(results), results, "budget-tiny")
     assert [p.name for p in plotted.paths] == ["budget-budget-tiny.png", "budget-budget-tiny.pdf"]
     assert all(p.is_file() and p.stat().st_size > 1000 for p in plotted.paths)
-    for line in ("hidfd", "kd-collected (simkd)", "kd-collected (kd)"):
+    for line in ("hidfd (simkd)", "kd-collected (simkd)", "kd-collected (kd)"):
         assert plotted.drawn[line]["x"] == [10.0, 100.0]
         assert plotted.drawn[line]["y"] == pytest.approx([100 * np.mean(TESTS[(line, b)]) for b in (10, 100)])
     # hand values: hidfd at 10 collected is 92.00 ± 2.00, KD at 100 has no spread
-    hidfd = plotted.points[plotted.points.line == "hidfd"].set_index("budget")
+    hidfd = plotted.points[plotted.points.line == "hidfd (simkd)"].set_index("budget")
     assert hidfd.loc[10, "mean"] == pytest.approx(92.0) and hidfd.loc[10, "std"] == pytest.approx(2.0)
     assert plotted.points.set_index(["line", "budget"]).loc[("kd-collected (kd)", 100), "std"] == pytest.approx(0.0)
     assert plotted.drawn["dfad (data-free) (3 seeds)"]["y"][0] == pytest.approx(87.0)  # a horizontal reference
@@ -310,14 +310,14 @@ def test_paper_table_has_methods_as_rows_and_the_teacher_once(budget_store) -> N
         "|---|:---:|:---:|:---:|",
         "| teacher | 99.00 |  |  |",
         "| dfad | 87.00 ± 2.00 | – | – |",
-        "| hidfd | – | 92.00 ± 2.00 | 96.00 ± 1.00 |",
+        "| hidfd (simkd) | – | 92.00 ± 2.00 | 96.00 ± 1.00 |",
         "| kd-collected (kd) | – | 74.00 ± 4.00 | 90.00 ± 0.00 |",
         "| kd-collected (simkd) | – | 81.00 ± 1.00 | 95.00 ± 2.00 |",
     ]
     assert "mean ± std over 3 seeds" in lines[-1] and "teacher's accuracy is given once" in lines[-1]
     latex = invoke("table", "--experiment", "budget-tiny", "--layout", "paper", "--format", "latex",
                    "--results", str(results)).output
-    assert r"teacher & \multicolumn{3}{c}{99.00} \\" in latex and r"hidfd & – & 92.00 $\pm$ 2.00 & 96.00 $\pm$ 1.00" in latex
+    assert r"teacher & \multicolumn{3}{c}{99.00} \\" in latex and r"hidfd (simkd) & – & 92.00 $\pm$ 2.00 & 96.00 $\pm$ 1.00" in latex
     csv = pd.read_csv(results / "tables" / "budget-tiny-paper.csv") if invoke(
         "table", "--experiment", "budget-tiny", "--layout", "paper", "--format", "csv", "--results",
         str(results)).exit_code == 0 else None
