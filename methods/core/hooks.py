@@ -34,7 +34,45 @@ def bn_statistics_distance(x: Tensor, bn: nn.BatchNorm2d) -> Tensor:
     )
 
 
-class BNStatisticsLoss:
+class BNLayerHooks:
+    """Forward hooks on a network's BatchNorm2d layers that exist only inside :meth:`capture` (spec §2.5).
+
+    Subclasses say what each layer's hook records (:meth:`_layer_hook`) and clear their record in
+    :meth:`_reset`; registering, removing and the re-entrancy check live here once.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        self.layers = batchnorm_layers(net)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @property
+    def active(self) -> bool:
+        """True only inside :meth:`capture` (hooks registered)."""
+        return bool(self._handles)
+
+    def _reset(self) -> None:
+        raise NotImplementedError
+
+    def _layer_hook(self, index: int):  # noqa: ANN202 - a torch hook
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[BNLayerHooks]:
+        """Register the hooks for the forwards inside this block, then remove them."""
+        if self._handles:
+            raise RuntimeError(f"{type(self).__name__}.capture() is not re-entrant")
+        self._reset()
+        for index, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_hook(self._layer_hook(index)))
+        try:
+            yield self
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+
+
+class BNStatisticsLoss(BNLayerHooks):
     """L_BN = Σ_l w_l·r_l over the teacher's BatchNorm2d layers (spec §2.5).
 
     Usage, in a generator step only::
@@ -50,37 +88,20 @@ class BNStatisticsLoss:
     """
 
     def __init__(self, net: nn.Module, first_layer_weight: float = 1.0) -> None:
-        self.layers = batchnorm_layers(net)
+        super().__init__(net)
         self.first_layer_weight = first_layer_weight
         self._terms: list[Tensor] = []
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     @property
     def available(self) -> bool:
         return bool(self.layers)
 
-    @property
-    def active(self) -> bool:
-        """True only inside :meth:`capture` (hooks registered)."""
-        return bool(self._handles)
-
-    @contextlib.contextmanager
-    def capture(self) -> Iterator[BNStatisticsLoss]:
-        """Register the hooks for the forwards inside this block, then remove them."""
-        if self._handles:
-            raise RuntimeError("BNStatisticsLoss.capture() is not re-entrant")
+    def _reset(self) -> None:
         self._terms.clear()
-        for index, layer in enumerate(self.layers):
-            weight = self.first_layer_weight if index == 0 else 1.0
-            self._handles.append(layer.register_forward_hook(self._hook(weight)))
-        try:
-            yield self
-        finally:
-            for handle in self._handles:
-                handle.remove()
-            self._handles.clear()
 
-    def _hook(self, weight: float):  # noqa: ANN202 - a torch hook signature
+    def _layer_hook(self, index: int):  # noqa: ANN202 - a torch hook signature
+        weight = self.first_layer_weight if index == 0 else 1.0
+
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
             r = bn_statistics_distance(inputs[0], module)  # type: ignore[arg-type]
             self._terms.append(r * weight if weight != 1.0 else r)
@@ -96,7 +117,7 @@ class BNStatisticsLoss:
         return total
 
 
-class BNInputMeans:
+class BNInputMeans(BNLayerHooks):
     """Per-instance, per-channel spatial means of the inputs of the teacher's BatchNorm2d layers (CMI, spec §4.6).
 
     Inside :meth:`capture`, every forward appends one (B, Σ_l C_l) feature: the inputs of all BN
@@ -105,27 +126,17 @@ class BNInputMeans:
     """
 
     def __init__(self, net: nn.Module) -> None:
-        self.layers = batchnorm_layers(net)
+        super().__init__(net)
         self._means: list[Tensor] = []
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    @contextlib.contextmanager
-    def capture(self) -> Iterator[BNInputMeans]:
-        """Register the hooks for the forwards inside this block, then remove them."""
-        if self._handles:
-            raise RuntimeError("BNInputMeans.capture() is not re-entrant")
+    def _reset(self) -> None:
         self._means.clear()
-        for layer in self.layers:
-            self._handles.append(layer.register_forward_hook(self._hook))
-        try:
-            yield self
-        finally:
-            for handle in self._handles:
-                handle.remove()
-            self._handles.clear()
 
-    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
-        self._means.append(inputs[0].float().mean(dim=(2, 3)))
+    def _layer_hook(self, index: int):  # noqa: ANN202 - a torch hook signature
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
+            self._means.append(inputs[0].float().mean(dim=(2, 3)))
+
+        return hook
 
     def features(self) -> Tensor:
         """The (B, Σ_l C_l) instance features of the one forward recorded since the last call; clears the record."""
