@@ -27,10 +27,17 @@ import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from torch import Tensor, nn
 
-from .core.conditional import frozen_parameters
 from .core.context import DistillContext
 from .core.hooks import BNStatisticsLoss
-from .core.inversion import InversionHparams, InversionMethod, LowestLoss, js_divergence, roll_flip, total_variation
+from .core.inversion import (
+    InversionHparams,
+    InversionMethod,
+    LowestLoss,
+    js_divergence,
+    roll_flip,
+    synthesis_student,
+    total_variation,
+)
 from .core.losses import cross_entropy
 from .core.method import hp
 from .core.registry import register
@@ -135,11 +142,9 @@ class ADI(InversionMethod):
         max_shift = int(hp_.jitter * ctx.size)
         flip = ctx.train_augment.flip
         adversarial = hp_.lambda_adv > 0
-        student = ctx.student
-        student.train(not hp_.student_eval_in_synthesis)
         best = LowestLoss()
         zero = torch.zeros((), device=ctx.device)
-        with frozen_parameters(student):
+        with synthesis_student(ctx, hp_.student_eval_in_synthesis) as student:
             for _ in range(hp_.g_steps):
                 x = pixels()
                 v = (roll_flip(x, max_shift, flip) - self.mean) / self.std
@@ -158,7 +163,6 @@ class ADI(InversionMethod):
                 opt.step()
                 with torch.no_grad():
                     pixels.x.clamp_(0, 1)
-        student.train()
         assert best.loss is not None
         losses = {"synthesis": best.loss, "syn_bn": l_bn.detach(), "syn_oh": l_oh.detach(), "syn_tv": l_tv.detach()}
         if adversarial:

@@ -38,12 +38,11 @@ import torch.nn.functional as F
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from torch import Tensor, nn
 
-from .core.conditional import frozen_parameters
 from .core.context import DistillContext
 from .core.generators import GeneratorA
 from .core.hooks import BNInputMeans, BNStatisticsLoss
 from .core.images import Augment, apply_augment
-from .core.inversion import InversionHparams, InversionMethod, LowestLoss, RingBuffer
+from .core.inversion import InversionHparams, InversionMethod, LowestLoss, RingBuffer, synthesis_student
 from .core.losses import cross_entropy
 from .core.method import hp
 from .core.registry import register
@@ -203,11 +202,9 @@ class CMI(InversionMethod):
         opt = torch.optim.Adam([{"params": generator.parameters()}, {"params": [z]}], lr=hp_.lr_g,
                                betas=(hp_.g_betas[0], hp_.g_betas[1]))
         adversarial = hp_.lambda_adv > 0
-        student = ctx.student
-        student.train(not hp_.student_eval_in_synthesis)
         best = LowestLoss()
         zero = torch.zeros((), device=ctx.device)
-        with frozen_parameters(student):
+        with synthesis_student(ctx, hp_.student_eval_in_synthesis) as student:
             for _ in range(hp_.g_steps):
                 with ctx.autocast():
                     x = generator(z).float()
@@ -228,7 +225,6 @@ class CMI(InversionMethod):
                 loss.backward()
                 opt.step()
                 self.opt_head.step()
-        student.train()
         pixels, features = best.best
         self.bank.add(features)
         assert best.loss is not None

@@ -23,8 +23,10 @@ stage, with one CUDA synchronisation per stage boundary, never per step) and the
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
+from .conditional import frozen_parameters
 from .context import DistillContext
 from .images import Augment, ImageSet
 from .losses import kd_loss
@@ -290,3 +293,17 @@ class InversionMethod(Method):
             ctx.record(key, value)
         ctx.log_metrics(ctx.iterations, totals)
         ctx.add_artifact("samples", pool_grid(pool, hp_.samples))
+
+
+@contextlib.contextmanager
+def synthesis_student(ctx: DistillContext, eval_mode: bool = False) -> Iterator[nn.Module]:
+    """The student as a synthesis round sees it (spec §1.6): in ``train()`` (``eval()`` with the
+    released code's flag), its parameters frozen so that only the input receives gradients; back in
+    ``train()`` with its gradients re-enabled afterwards."""
+    student = ctx.student
+    student.train(not eval_mode)
+    try:
+        with frozen_parameters(student):
+            yield student
+    finally:
+        student.train()
