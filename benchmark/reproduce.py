@@ -274,6 +274,12 @@ def hardware(device: torch.device) -> str:
     return f"{model}, {os.cpu_count() or '?'} cores"
 
 
+def precision(amp: str, device: torch.device) -> str:
+    """``bf16`` or ``fp32``: what ``amp`` means on ``device`` (the rule of ``DistillContext.autocast``)."""
+    on = (device.type == "cuda" and amp in ("auto", "bf16")) or (device.type == "cpu" and amp == "bf16")
+    return "bf16" if on else "fp32"
+
+
 # ----------------------------------------------------------------------------- the comparison
 @dataclass
 class Comparison:
@@ -282,6 +288,7 @@ class Comparison:
     target: Target
     ours: Ours
     hardware: str
+    precision: str = "fp32"
     tracking_uri: str = ""
     experiment_id: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -322,7 +329,7 @@ class Comparison:
             "verdict": None if self.verdicts is None else {
                 **self.verdicts, "tolerance": DEFAULT_TOLERANCE if ref is None or ref.spread is None else ref.spread,
                 "rule": "within: |ours - paper| <= spread (0.5 points without one); decided on best-val"},
-            "hardware": self.hardware,
+            "hardware": self.hardware, "amp": t.request.amp, "precision": self.precision,
             **self.extra,
         }
 
@@ -330,10 +337,11 @@ class Comparison:
         """The human-readable comparison (what ``reproduce`` prints)."""
         t, o, ref = self.target, self.ours, self.target.reference
         lines = [f"reproduce {t.method} on {t.dataset}: {PROFILE} profile, {t.pair}, collected {t.collected}, "
-                 f"seeds {','.join(map(str, t.request.seeds))}; experiment {t.experiment}"]
+                 f"seeds {','.join(map(str, t.request.seeds))}, {self.precision}; experiment {t.experiment}"]
         if t.overridden:
-            lines.append(f"NOTE: not the paper recipe (iterations {t.request.iterations}, batch size "
-                         f"{t.request.batch_size}): a smoke test")
+            changed = {"iterations": t.request.iterations, "batch size": t.request.batch_size}
+            what = ", ".join(f"{k} {v}" for k, v in changed.items() if v is not None)
+            lines.append(f"NOTE: not the paper recipe ({what} overridden): a smoke test")
         teacher = "–" if o.teacher.mean is None else f"{o.teacher.mean:.2f}"
         wall = "–" if o.wall.mean is None else f"{o.wall.mean:.1f} s"
         lines.append(f"ours:  {len(o.finished_seeds)}/{len(o.cells)} seeds finished "
@@ -382,7 +390,7 @@ class Comparison:
         wall = "–" if o.wall.mean is None else _duration(o.wall.mean)
         method = t.method + (" (smoke)" if t.overridden else "")
         cells = [method, t.dataset, t.pair, o.last.describe(), o.best_val.describe(), f"{len(o.finished_seeds)} ({seeds})",
-                 paper, gap_ours, gap_paper, verdicts.get("best_val", "–"), self.hardware, wall]
+                 paper, gap_ours, gap_paper, verdicts.get("best_val", "–"), f"{self.hardware}, {self.precision}", wall]
         return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
 
 

@@ -145,7 +145,7 @@ def test_comparison_on_hand_made_runs() -> None:
     table = comparison.markdown().splitlines()
     assert len(table) == 3 and table[0].startswith("| Method | Dataset | Pair | Ours last | Ours best-val | Seeds")
     assert table[2] == ("| dfad | mnist | lenet5->lenet5-half | 97.90 ± 0.14 | 98.20 ± 0.14 | 2 (0,1) | "
-                        "98.30 ± 0.20 (DFAD Table 2 [spec §5.1]) | 0.80 (T 99.00) | 0.60 (T 98.90) | within | test CPU | 12 s |")
+                        "98.30 ± 0.20 (DFAD Table 2 [spec §5.1]) | 0.80 (T 99.00) | 0.60 (T 98.90) | within | test CPU, fp32 | 12 s |")
     assert table[0].count("|") == table[2].count("|")
     # Without a spread (DAFL's own MNIST number, 98.20): ±0.5.
     dafl = resolve(Request("dafl", "mnist", (0,)), load_references())
@@ -270,7 +270,7 @@ def test_tiny_run_compares_numbers_read_back_from_mlflow(tmp_path: Path, results
     mean = statistics.fmean(best)
     expected = "within" if abs(mean - 98.3) <= 0.2 else ("below" if mean < 98.3 else "above")
     assert record["verdict"]["best_val"] == expected
-    assert record["hardware"] and ours["wall_seconds_per_run"] > 0
+    assert record["hardware"] and record["precision"] == "fp32" and ours["wall_seconds_per_run"] > 0
 
     # A re-run trains nothing (both cells finished) and prints the comparison and the README row.
     text = invoke(*args, results=results, data_root=data_root)

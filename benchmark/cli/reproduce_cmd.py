@@ -21,6 +21,7 @@ from ..reproduce import (
     parse_pair,
     parse_seeds,
     plan_for,
+    precision,
     resolve,
     summarize,
 )
@@ -145,9 +146,10 @@ def reproduce_command(method: str | None, dataset: str | None, seeds: str, pair:
     outcome = run_grid(plan, settings, workers=workers, tracking_uri=uri, storage=storage_url, threads=threads,
                        train_teachers=not no_train_teachers, echo=lambda line: click.echo(line, err=True),
                        live=sys.stderr.isatty())
-    comparison = Comparison(target, summarize(outcome.rows), hardware(settings.torch_device), outcome.tracking_uri,
-                            outcome.experiment_id, {"wall_seconds": outcome.wall_seconds,
-                                                    "interrupted": outcome.interrupted})
+    device = settings.torch_device
+    comparison = Comparison(target, summarize(outcome.rows), hardware(device), precision(amp, device),
+                            outcome.tracking_uri, outcome.experiment_id,
+                            {"wall_seconds": outcome.wall_seconds, "interrupted": outcome.interrupted})
     if as_json:
         click.echo(json.dumps(comparison.to_dict(), indent=2))
     elif markdown:
