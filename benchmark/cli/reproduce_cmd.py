@@ -59,7 +59,8 @@ def _dry_run(target: Target, plan: Plan, settings: Settings, uri: str, storage: 
             "tracking_uri": uri, "storage": storage}, indent=2))
         return
     click.echo(f"reproduce {target.method} on {target.dataset}: paper profile, {target.pair}, collected "
-               f"{target.collected}, seeds {','.join(map(str, target.request.seeds))}; experiment {target.experiment}")
+               f"{target.collected}, seeds {','.join(map(str, target.request.seeds))}, amp {target.request.amp}; "
+               f"experiment {target.experiment}")
     click.echo(f"reference: {target.reference_message()}")
     if target.reference is not None and target.reference.notes:
         click.echo(f"  notes: {target.reference.notes}")
