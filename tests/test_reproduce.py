@@ -8,12 +8,13 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from benchmark import tracking
 from benchmark.cli import main
 from benchmark.references import ReferencesError, load_references, parse_references, verdict
-from benchmark.reproduce import Comparison, Request, plan_for, resolve, summarize
+from benchmark.reproduce import Comparison, Request, plan_for, precision, resolve, summarize
 from benchmark.runner import CellRow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,6 +152,13 @@ def test_comparison_on_hand_made_runs() -> None:
     dafl = resolve(Request("dafl", "mnist", (0,)), load_references())
     assert Comparison(dafl, summarize(_rows(dafl, [(0.975, 0.978, 1.0)])), "cpu").verdicts == {
         "best_val": "within", "last": "below"}  # 97.8 is within 98.20 ± 0.5; 97.5 is below
+
+
+def test_precision_follows_the_amp_rule() -> None:
+    # --amp auto: bf16 autocast on CUDA, fp32 on CPU; bf16 forces it on the CPU; off never.
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [precision(a, cpu) for a in ("auto", "bf16", "off")] == ["fp32", "bf16", "fp32"]
+    assert [precision(a, cuda) for a in ("auto", "bf16", "off")] == ["bf16", "bf16", "fp32"]
 
 
 @pytest.mark.parametrize("method", ["hidfd", "cgdd", "cpsc"])
