@@ -117,7 +117,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     parts = [p.strip() for p in text.split(",")]
     seeds: list[int] = []
     for part in parts:
-        if not part.isdigit():
+        if not (part.isascii() and part.isdigit()):
             raise DfkdError(f"bad --seeds {text!r}; expected comma-separated integers >= 0, e.g. 0,1,2")
         if int(part) in seeds:
             raise DfkdError(f"bad --seeds {text!r}: seed {int(part)} listed twice")
