@@ -182,8 +182,8 @@ def read(path: Path, expected: dict[str, str]) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001  (truncated zip, garbage bytes, unpickling refusal...)
-        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"checkpoint {path} is unreadable ({reason}); delete it to start this run afresh") from None
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt: {type(error).__name__}); "
+                              "delete it to start this run afresh") from None
     if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED) or payload["format"] != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a dfkd-bench checkpoint of format {FORMAT}; "
                               "delete it to start this run afresh")
