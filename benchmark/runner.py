@@ -181,12 +181,16 @@ class Worker:
                 teacher_store.pull(self.client, self.settings.results, dataset, arch, sha)
 
     def run(self) -> None:
+        ran = False
         while True:
-            if self.config.deadline is not None and time.time() >= self.config.deadline:
+            # A slice ends before the next cell only once this worker ran one: each invocation makes progress
+            # (a cell stops after at least one iteration), even with a slice shorter than the setup.
+            if ran and self.config.deadline is not None and time.time() >= self.config.deadline:
                 raise SliceEnded("time slice ended before the next cell")
             states = [t.state for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,
                                                                                       TrialState.RUNNING))]
             if TrialState.WAITING in states:
+                ran = True
                 self.study.optimize(self.objective, n_trials=1, catch=(CellFailed,), gc_after_trial=False)
             elif TrialState.RUNNING in states:
                 # Cells run elsewhere: wait, so that one whose worker dies is retried here.
