@@ -673,6 +673,9 @@ def run_grid(
     starts, and the outcome is ``stopped`` (exit code 75); the same command continues the grid.
     """
     started = time.time()
+    if stop_after is not None and launcher == "slurm":
+        raise DfkdError("--stop-after does not apply to --launcher slurm (jobs start later); "
+                        "use --slurm-time: a requeued job resumes its cell from the checkpoint")
     deadline = None if stop_after is None else started + stop_after
     uri = tracking.resolve_tracking_uri(settings.results, tracking_uri)
     storage_url = storage or default_storage(settings.results)

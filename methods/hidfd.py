@@ -367,7 +367,6 @@ def train_gan(ctx: DistillContext, hp: HiDFDHparams, real: ImageSet) -> torch.nn
     y_real_all, phi_real_all = teacher_targets(ctx, real)
     sampler = real.sampler(hp.gan_batch_size)
     meter = LossMeter()
-    started = time.perf_counter()
     ctx.keep(G=G, D=D, opt_g=opt_g, opt_d=opt_d, G_ema=ema.model, cfs=cfs, sampler_gan=sampler, meter_gan=meter)
 
     for it in ctx.steps(hp.gan_iterations, stage="gan", every=hp.gan_log_every):
@@ -386,7 +385,7 @@ def train_gan(ctx: DistillContext, hp: HiDFDHparams, real: ImageSet) -> torch.nn
                             ("d_active", (out.h > 0).float().mean())):
             meter.add(name, value)
         if it % hp.gan_log_every == 0 or it == hp.gan_iterations:
-            log_gan(ctx, it, meter, cfs, started)
+            log_gan(ctx, it, meter, cfs)
 
     if not hp.synth_use_ema:
         ctx.flag("synth_use_ema", "released behaviour: synthetic samples from G, not G_ema")
@@ -395,12 +394,14 @@ def train_gan(ctx: DistillContext, hp: HiDFDHparams, real: ImageSet) -> torch.nn
     return ema.model.eval()
 
 
-def log_gan(ctx: DistillContext, iteration: int, meter: LossMeter, cfs: FrequencySmoother, started: float) -> None:
-    """GAN-stage progress (one host sync per call): mean losses since the last call, CFS weight range."""
+def log_gan(ctx: DistillContext, iteration: int, meter: LossMeter, cfs: FrequencySmoother) -> None:
+    """GAN-stage progress (one host sync per call): mean losses since the last call, CFS weight range.
+
+    ``gan/wall_seconds`` is the run's wall time so far (it continues across a resume)."""
     extra = {"cfs_w_min": cfs.weights.min(), "cfs_w_max": cfs.weights.max()}
     values = meter.means(f"at GAN iteration {iteration}", extra, what="GAN value")
     metrics: dict[str, float] = {f"gan/{k}": v for k, v in values.items()}
-    metrics["gan/wall_seconds"] = time.perf_counter() - started
+    metrics["gan/wall_seconds"] = time.perf_counter() - ctx.started
     ctx.log_metrics(iteration, metrics)
 
 
