@@ -22,6 +22,7 @@ from methods.core.api import (
     distill,
     seed_everything,
 )
+from methods.core.checkpoint import CheckpointConfig
 from methods.core.context import Callback
 from methods.core.registry import get_method
 
@@ -90,12 +91,14 @@ def execute(
     download: bool = False,
     data: TaskData | None = None,
     evaluate_test: bool = True,
+    checkpoint: CheckpointConfig | None = None,
 ) -> tuple[DistillResult, dict[str, Any]]:
     """Load the cached teacher and the data (``download`` lets torchvision fetch), build the student (seeded), distil.
 
     ``data`` reuses a task already loaded with :func:`load_data` for this spec (the grid runner
     runs many cells on one dataset); by default it is loaded here.  ``evaluate_test=False``: see
     :func:`~methods.core.api.distill` (hyperparameter search never computes test accuracy).
+    ``checkpoint``: resumable checkpointing and time slices (:class:`~methods.core.checkpoint.CheckpointConfig`).
     """
     manifest = validate(spec, settings)
     device = settings.torch_device
@@ -120,6 +123,7 @@ def execute(
         amp=spec.amp,
         callbacks=callbacks,
         evaluate_test=evaluate_test,
+        checkpoint=checkpoint,
     )
     return result, manifest
 

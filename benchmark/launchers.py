@@ -8,8 +8,8 @@ or a second machine would.  ``slurm`` submits ``N`` workers as one job array and
 
 A job preempted or timed out is requeued by submitit (:class:`submitit.helpers.Checkpointable`):
 the cell it was running goes back into the queue (or, after SIGKILL, is retried once its
-heartbeat is stale) and runs again from its start; resuming a cell from inside (checkpoints) is
-not done yet.  Needs the ``dfkd-bench[slurm]`` extra (submitit); imported only for these launchers.
+heartbeat is stale) and resumes from its last checkpoint (``<results>/checkpoints/<grid>/``, so
+the results folder must be shared by the machines), continuing its MLflow run.  Needs the ``dfkd-bench[slurm]`` extra (submitit); imported only for these launchers.
 """
 from __future__ import annotations
 
@@ -120,7 +120,12 @@ class WorkerJob(submitit.helpers.Checkpointable if submitit is not None else obj
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        Worker(self.config, index).run()
+        from methods.core.errors import SliceEnded
+
+        try:
+            Worker(self.config, index).run()
+        except SliceEnded:  # --stop-after: the cell checkpointed; the next invocation continues it
+            pass
         return index
 
 

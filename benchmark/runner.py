@@ -10,7 +10,11 @@ run is marked KILLED before the cell re-runs.  Several processes, or several mac
 the same command against one RDB storage and one MLflow server, split the grid.
 
 MLflow is the record of what finished: re-running a grid skips cells with a FINISHED run and
-re-runs failed, killed or never-started ones.  The queue study is named after the grid and the
+re-runs failed, killed or never-started ones.  A cell checkpoints to
+``<results>/checkpoints/<grid>/<cell_id>.pt`` at each evaluation and stage boundary; an
+interrupted cell (SIGKILL, ``--stop-after``, a lost machine) resumes from it and continues its
+own MLflow run (metric steps go on; one run per cell).  The checkpoint is removed when the cell
+finishes.  The queue study is named after the grid and the
 hash of its cell set, so the same grid resumes the same queue and an edited grid gets a new one.
 
 The queue itself (storage, heartbeats, SQLite locking) is :mod:`benchmark.workqueue`.
@@ -37,8 +41,9 @@ from optuna.trial import TrialState
 
 from methods.core.accounting import ACCOUNTING_KEYS
 from methods.core.api import TaskData
+from methods.core.checkpoint import CheckpointConfig
 from methods.core.context import BaseCallback
-from methods.core.errors import DfkdError
+from methods.core.errors import EXIT_SLICE_ENDED, DfkdError, SliceEnded
 
 from . import teacher_store, tracking
 from .cpu_tuning import tune_malloc
@@ -114,10 +119,19 @@ class RunnerConfig:
     grid: str = ""
     teachers: tuple[tuple[str, str, str], ...] = ()  # (dataset, arch, sha256) the grid is fixed to
     requeue_interrupted: bool = False  # submitit jobs: a cell cut by a signal goes back into the queue
+    deadline: float | None = None  # --stop-after: time.time() at which running cells checkpoint and stop
 
     def settings(self, index: int) -> Settings:
         device = self.devices[index % len(self.devices)] if self.devices else self.device
         return Settings(Path(self.results), Path(self.data_dir), device)
+
+    def checkpoint_path(self, cell_id: str) -> Path:
+        """Where a cell of this grid checkpoints: ``<results>/checkpoints/<grid>/<cell_id>.pt``."""
+        return checkpoint_path(Path(self.results), self.grid, cell_id)
+
+
+def checkpoint_path(results: Path, grid: str, cell_id: str) -> Path:
+    return Path(results) / "checkpoints" / grid / f"{cell_id}.pt"
 
 
 # ----------------------------------------------------------------------------- one cell
@@ -167,10 +181,16 @@ class Worker:
                 teacher_store.pull(self.client, self.settings.results, dataset, arch, sha)
 
     def run(self) -> None:
+        ran = False
         while True:
+            # A slice ends before the next cell only once this worker ran one: each invocation makes progress
+            # (a cell stops after at least one iteration), even with a slice shorter than the setup.
+            if ran and self.config.deadline is not None and time.time() >= self.config.deadline:
+                raise SliceEnded("time slice ended before the next cell")
             states = [t.state for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,
                                                                                       TrialState.RUNNING))]
             if TrialState.WAITING in states:
+                ran = True
                 self.study.optimize(self.objective, n_trials=1, catch=(CellFailed,), gc_after_trial=False)
             elif TrialState.RUNNING in states:
                 # Cells run elsewhere: wait, so that one whose worker dies is retried here.
@@ -183,7 +203,7 @@ class Worker:
         """Run the trial's cell; any error becomes :class:`CellFailed` so that the grid goes on."""
         try:
             return self._objective(trial)
-        except (CellFailed, optuna.TrialPruned, KeyboardInterrupt):
+        except (CellFailed, optuna.TrialPruned, KeyboardInterrupt, SliceEnded):
             raise
         except Exception as error:  # the store or the queue failed around the cell
             _best_effort(trial.set_user_attr, "error", f"{type(error).__name__}: {error}"[:2000])
@@ -226,21 +246,31 @@ class Worker:
 
         cfg = self.config
         trial.set_user_attr("worker", self.tag)
+        path = cfg.checkpoint_path(cell.cell_id)
+        queue_tags = {tracking.QUEUE_STUDY: cfg.study, tracking.QUEUE_TRIAL: str(trial.number), "dfkd.worker": self.tag}
         try:
             manifest = read_manifest(self.settings.results, cell.spec.dataset, cell.spec.teacher)
             self.check_teacher(cell, manifest)
-            run_id = tracking.start_cell_run(
-                self.client, cfg.experiment_id, cfg.parent_run_id, cell, manifest, cfg.code_version,
-                {tracking.QUEUE_STUDY: cfg.study, tracking.QUEUE_TRIAL: str(trial.number), "dfkd.worker": self.tag},
-            )
+            previous = tracking.resumable_run(self.client, cfg.experiment_id, cell.cell_id) if path.exists() else None
+            if previous is not None:  # the cell resumes from its checkpoint: its run continues
+                run_id = tracking.reopen_cell_run(self.client, previous, queue_tags)
+            else:
+                run_id = tracking.start_cell_run(self.client, cfg.experiment_id, cfg.parent_run_id, cell, manifest,
+                                                 cfg.code_version, queue_tags)
         except Exception as error:
             trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
             raise CellFailed(str(error)) from error
         trial.set_user_attr("run_id", run_id)
         callbacks = [tracking.MlflowCallback(self.client, run_id), TrialProgress(trial)]
         try:
-            result, _ = execute(cell.spec, self.settings, callbacks, data=self.task_data(cell, manifest))
+            checkpoint = CheckpointConfig(path, resume=True, deadline=cfg.deadline)
+            result, _ = execute(cell.spec, self.settings, callbacks, data=self.task_data(cell, manifest),
+                                checkpoint=checkpoint)
             tracking.log_result(self.client, run_id, result)
+        except SliceEnded as stop:  # checkpoint written: the next invocation continues this run
+            _best_effort(self.client.set_tag, run_id, "dfkd.ended", f"time slice ended (--stop-after): {stop}")
+            _best_effort(tracking.end_run, self.client, run_id, "KILLED")
+            raise
         except (KeyboardInterrupt, SystemExit) as error:
             _best_effort(self.client.set_tag, run_id, "dfkd.ended", f"interrupted ({type(error).__name__})")
             _best_effort(tracking.end_run, self.client, run_id, "KILLED")
@@ -278,6 +308,8 @@ def worker_process(config: RunnerConfig, index: int) -> None:
         Worker(config, index).run()
     except KeyboardInterrupt:
         sys.exit(130)
+    except SliceEnded:
+        sys.exit(EXIT_SLICE_ENDED)
 
 
 # ----------------------------------------------------------------------------- preparing a grid
@@ -317,7 +349,8 @@ class Prepared:
 
 def prepare(plan: Plan, settings: Settings, tracking_uri: str, storage_url: str, heartbeat: int,
             workers: int, devices: Sequence[str], threads: int | None = None,
-            teachers: dict[tuple[str, str], str] | None = None, requeue_interrupted: bool = False) -> Prepared:
+            teachers: dict[tuple[str, str], str] | None = None, requeue_interrupted: bool = False,
+            deadline: float | None = None) -> Prepared:
     """Create the store and experiment once, fix the grid's teachers, mark stale runs KILLED, open the
     parent run, enqueue cells."""
     client = tracking.open_client(tracking_uri)
@@ -360,7 +393,7 @@ def prepare(plan: Plan, settings: Settings, tracking_uri: str, storage_url: str,
         tracking_uri=tracking_uri, storage=storage_url, study=name, experiment_id=experiment_id,
         parent_run_id=parent, code_version=version, heartbeat=heartbeat, devices=tuple(devices), threads=cpu_threads,
         grid=plan.grid.name, teachers=tuple((d, a, sha) for (d, a), sha in sorted(teachers.items())),
-        requeue_interrupted=requeue_interrupted,
+        requeue_interrupted=requeue_interrupted, deadline=deadline,
     )
     return Prepared(config, done, enqueued, killed)
 
@@ -570,6 +603,7 @@ class Outcome:
     rows: list[CellRow]
     wall_seconds: float
     interrupted: bool = False
+    stopped: bool = False  # --stop-after ended the time slice: run the same command again
     experiment_id: str = ""
     parent_run_id: str = ""
     tracking_uri: str = ""
@@ -583,6 +617,8 @@ class Outcome:
     def exit_code(self) -> int:
         if self.interrupted:
             return 130
+        if self.stopped:
+            return EXIT_SLICE_ENDED
         return 1 if self.failed else 0
 
 
@@ -619,6 +655,7 @@ def run_grid(
     live: bool = False,
     launcher: str = "processes",
     slurm: Any = None,
+    stop_after: float | None = None,
 ) -> Outcome:
     """Run every cell of ``plan`` not yet finished, in ``workers`` processes; returns the outcome.
 
@@ -632,8 +669,14 @@ def run_grid(
     pulled when missing here), so that a bad URL or a mismatching teacher writes nothing.
     ``launcher``: ``processes`` (worker processes here), ``local`` or ``slurm``
     (:mod:`benchmark.launchers`; ``slurm`` returns once the job array is submitted).
+    ``stop_after``: seconds; then the running cells checkpoint at their next iteration, no new cell
+    starts, and the outcome is ``stopped`` (exit code 75); the same command continues the grid.
     """
     started = time.time()
+    if stop_after is not None and launcher == "slurm":
+        raise DfkdError("--stop-after does not apply to --launcher slurm (jobs start later); "
+                        "use --slurm-time: a requeued job resumes its cell from the checkpoint")
+    deadline = None if stop_after is None else started + stop_after
     uri = tracking.resolve_tracking_uri(settings.results, tracking_uri)
     storage_url = storage or default_storage(settings.results)
     if devices:
@@ -648,7 +691,7 @@ def run_grid(
     shas = {key: sha or read_manifest(settings.results, *key)["sha256"] for key, sha in resolved.items()}
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     prepared = prepare(plan, settings, uri, storage_url, heartbeat, workers, devices, threads, shas,
-                       requeue_interrupted=launcher != "processes")
+                       requeue_interrupted=launcher != "processes", deadline=deadline)
     cfg = prepared.config
     for run_id in prepared.killed:
         echo(f"marked stale run {run_id} KILLED (its process had stopped)")
@@ -656,7 +699,7 @@ def run_grid(
          f"{prepared.enqueued} queued now), {len(plan.skipped)} skipped; {workers} worker(s); tracking {uri}")
     if launcher == "slurm":
         return _submit_slurm(plan, settings, prepared, workers, slurm, started, echo)
-    interrupted = False
+    interrupted = stopped = False
     previous = _install_sigterm()
     try:
         with Monitor(plan, prepared, workers, echo, live) as monitor:
@@ -675,6 +718,8 @@ def run_grid(
                     _run_processes(cfg, workers)
             except KeyboardInterrupt:
                 interrupted = True
+            except SliceEnded:
+                stopped = True
             views = monitor.snapshot()
     finally:
         _restore_sigterm(previous)
@@ -683,7 +728,7 @@ def run_grid(
     rows = collect(client, cfg.experiment_id, plan, errors)
     wall = time.time() - started
     failed = sum(r.status != "FINISHED" for r in rows)
-    status = "KILLED" if interrupted else ("FAILED" if failed else "FINISHED")
+    status = "KILLED" if interrupted or stopped else ("FAILED" if failed else "FINISHED")
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -691,7 +736,7 @@ def run_grid(
         Metric("cells_finished", float(len(rows) - failed), now, 0), Metric("cells_not_finished", float(failed), now, 0),
         Metric("cells_skipped", float(len(plan.skipped)), now, 0), Metric("wall_seconds", wall, now, 0)]))
     _best_effort(lambda: tracking.end_run(client, cfg.parent_run_id, status))
-    return Outcome(plan, rows, wall, interrupted, cfg.experiment_id, cfg.parent_run_id, uri)
+    return Outcome(plan, rows, wall, interrupted, stopped, cfg.experiment_id, cfg.parent_run_id, uri)
 
 
 def _submitit_folder(settings: Settings, plan: Plan) -> Path:
@@ -727,8 +772,8 @@ def _submit_slurm(plan: Plan, settings: Settings, prepared: Prepared, workers: i
     _best_effort(client.set_tag, cfg.parent_run_id, "dfkd.ended", f"submitted Slurm job array {job} ({workers} workers)")
     _best_effort(tracking.end_run, client, cfg.parent_run_id, "FINISHED")
     rows = collect(client, cfg.experiment_id, plan)
-    return Outcome(plan, rows, time.time() - started, False, cfg.experiment_id, cfg.parent_run_id, cfg.tracking_uri,
-                   submitted=job)
+    return Outcome(plan, rows, time.time() - started, False, False, cfg.experiment_id, cfg.parent_run_id,
+                   cfg.tracking_uri, submitted=job)
 
 
 def _install_sigterm() -> Any:
@@ -758,6 +803,8 @@ def _run_processes(cfg: RunnerConfig, workers: int) -> None:
         grace = 0.0 if isinstance(error, Interrupted) else 15.0
         _stop_processes(procs, grace)
         raise
+    if any(proc.exitcode == EXIT_SLICE_ENDED for proc in procs):
+        raise SliceEnded("time slice ended")
 
 
 def _stop_processes(procs: list[Any], grace: float) -> None:

@@ -305,6 +305,30 @@ def start_cell_run(client: MlflowClient, experiment_id: str, parent_run_id: str,
     return run_id
 
 
+def resumable_run(client: MlflowClient, experiment_id: str, cell_id: str) -> Run | None:
+    """The cell's most recent run that did not finish (KILLED, FAILED, or a stale RUNNING one), if any."""
+    runs = search(client, experiment_id, f"tags.`{CELL_ID}` = '{cell_id}' and tags.`{KIND}` = 'cell'")
+    runs = sorted(runs, key=lambda r: r.info.start_time)
+    if not runs or runs[-1].info.status == "FINISHED":
+        return None
+    return runs[-1]
+
+
+def reopen_cell_run(client: MlflowClient, run: Run, extra_tags: dict[str, str]) -> str:
+    """Continue ``run`` (its cell resumes from its checkpoint): RUNNING again, metric steps go on, no second run."""
+    from mlflow.entities import RunTag
+
+    run_id = run.info.run_id
+    client.update_run(run_id, status="RUNNING")
+    resumes = int(run.data.tags.get("dfkd.resumes", "0")) + 1
+    tags = {**extra_tags, "dfkd.resumes": str(resumes), "dfkd.ended": f"resumed from its checkpoint ({resumes}x)"}
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    for stale in ("dfkd.error", "dfkd.error_type"):  # from a failed attempt; this attempt reports its own
+        if stale in run.data.tags:
+            client.delete_tag(run_id, stale)
+    return run_id
+
+
 def image_array(value: Any) -> Any | None:
     """A uint8 CHW (or HW) tensor as an HWC / HW numpy array for PNG; ``None`` when not an image."""
     if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() not in (2, 3):

@@ -138,8 +138,9 @@ class CGDD(Method):
         sched_g = scheduler(opt_g, hp.schedule, ctx.iterations, hp.milestones)
         ctx.watch(ctx.student)
         ctx.student.train()
+        ctx.keep(generator=generator, opt_s=opt_s, opt_g=opt_g, sched_s=sched_s, sched_g=sched_g)
 
-        for iteration in range(1, ctx.iterations + 1):
+        for iteration in ctx.steps(ctx.iterations):
             for _ in range(hp.s_steps):
                 s_terms = self._student_step(ctx, generator, opt_s, hp)
             g_terms = self._generator_step(ctx, generator, bn if use_bn else None, opt_g, hp)

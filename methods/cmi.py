@@ -181,6 +181,7 @@ class CMI(InversionMethod):
         ctx.track("projector", self.head, torch.randn(2, d.shape[1], device=dev))
         self.opt_head = torch.optim.Adam(self.head.parameters(), lr=hp_.lr_g)
         self.bank = RingBuffer(hp_.bank_size, (d.shape[1],), torch.float32, dev)
+        ctx.keep(generator=self.generator, head=self.head, opt_head=self.opt_head, bank=self.bank)
         flip = ctx.train_augment.flip
         self.global_view = Augment(crop_padding=hp_.global_padding, flip=flip)
         self.local_view = Augment(flip=flip, resized_crop_scale=(hp_.local_scale[0], hp_.local_scale[1]))

@@ -207,8 +207,9 @@ class CPSC(Method):
             sched_s = scheduler(opt_s, "cosine", ctx.iterations, warmup=hp.warmup)
         ctx.watch(ctx.student)
         ctx.student.train()
+        ctx.keep(generator=generator, adapter=adapter, opt_g=opt_g, opt_s=opt_s, sched_s=sched_s)
 
-        for iteration in range(1, ctx.iterations + 1):
+        for iteration in ctx.steps(ctx.iterations):
             for _ in range(hp.g_steps):
                 if hp.g_opt_reset_each_step:
                     opt_g = self._g_optimizer(generator, hp)

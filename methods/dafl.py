@@ -201,8 +201,9 @@ class DAFL(Method):
         opt_s = student_optimizer(student, hp)
         sched_s = scheduler(opt_s, hp.schedule, ctx.iterations, hp.milestones, hp.gamma)
         sched_g = scheduler(opt_g, hp.g_schedule, ctx.iterations, hp.milestones, hp.gamma)
+        ctx.keep(generator=generator, opt_g=opt_g, opt_s=opt_s, sched_s=sched_s, sched_g=sched_g)
 
-        for iteration in range(1, ctx.iterations + 1):
+        for iteration in ctx.steps(ctx.iterations):
             z = torch.randn(hp.batch_size, hp.nz, device=device)
             terms = dafl_step(ctx, generator, opt_g, opt_s, z, hp)
             sched_s.step()

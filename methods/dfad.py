@@ -196,8 +196,9 @@ class DFAD(Method):
         opt_s = sgd(student.parameters(), hp.lr_s, hp.momentum, hp.weight_decay)
         opt_g = torch.optim.Adam(generator.parameters(), lr=hp.lr_g)
         schedules = [scheduler(opt, hp.schedule, ctx.iterations, hp.milestones, hp.gamma) for opt in (opt_s, opt_g)]
+        ctx.keep(generator=generator, opt_s=opt_s, opt_g=opt_g, sched_s=schedules[0], sched_g=schedules[1])
 
-        for iteration in range(1, ctx.iterations + 1):
+        for iteration in ctx.steps(ctx.iterations):
             loss_s = torch.zeros((), device=device)
             for _ in range(k):
                 z = torch.randn(batch, hp.nz, device=device)

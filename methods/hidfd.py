@@ -123,6 +123,15 @@ class FrequencySmoother:
         # one-hot sum instead of bincount, which synchronises with the host on CUDA
         self.counts.index_add_(0, predicted, torch.ones_like(predicted, dtype=self.counts.dtype))
 
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"effective": self.effective, "counts": self.counts, "weights": self.weights}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        device = self.counts.device
+        self.effective = state["effective"].to(device)
+        self.counts = state["counts"].to(device)
+        self.weights = state["weights"].to(device)
+
     def update(self) -> None:
         if not self.static:
             self.effective = (self.decay * self.effective + (1 - self.decay) * self.counts).clamp_min(1.0)
@@ -220,7 +229,7 @@ class HiDFD(Method):
     notes = (
         "Paper intent where the released code is broken: "
         "L_FI trains D's fi head; CFS weights are updated every cfs_k G steps; synthesis from G_ema "
-        "(released: cfs_static=true, synth_use_ema=false). No checkpoint/resume between stages yet."
+        "(released: cfs_static=true, synth_use_ema=false). Resumes in each stage (GAN, synthesis, student)."
     )
     Hparams = HiDFDHparams
     collected_use = CollectedUse.REQUIRED
@@ -248,7 +257,13 @@ class HiDFD(Method):
         hp: HiDFDHparams = self.hp  # type: ignore[assignment]
         real = ctx.collected()
         generator = train_gan(ctx, hp, real)
-        synthetic = synthesize(ctx, generator, hp.n_synth, hp.gan_batch_size)
+
+        def synthetic_set() -> dict[str, Tensor]:
+            images = synthesize(ctx, generator, hp.n_synth, hp.gan_batch_size)
+            return {"pixels": images.pixels, "labels": images.labels}
+
+        saved = ctx.once("synthetic", synthetic_set)  # stage 2 once; a resume reads it from the checkpoint
+        synthetic = ImageSet(saved["pixels"].to(ctx.device), saved["labels"].to(ctx.device), ctx.size, ctx.mean, ctx.std)
         ctx.add_artifact("samples", sample_grid(ctx, generator))
         lr = student_lr(hp.objective, hp.lr)
         config = StudentStageConfig(hp.objective, hp.tau, 0.0, lr, hp.momentum, hp.weight_decay, hp.schedule, hp.milestones)
@@ -352,9 +367,9 @@ def train_gan(ctx: DistillContext, hp: HiDFDHparams, real: ImageSet) -> torch.nn
     y_real_all, phi_real_all = teacher_targets(ctx, real)
     sampler = real.sampler(hp.gan_batch_size)
     meter = LossMeter()
-    started = time.perf_counter()
+    ctx.keep(G=G, D=D, opt_g=opt_g, opt_d=opt_d, G_ema=ema.model, cfs=cfs, sampler_gan=sampler, meter_gan=meter)
 
-    for it in range(1, hp.gan_iterations + 1):
+    for it in ctx.steps(hp.gan_iterations, stage="gan", every=hp.gan_log_every):
         idx = sampler.next()
         d_terms, out = discriminator_step(ctx, G, D, opt_d, real.batch(idx), y_real_all[idx], phi_real_all[idx], hp)
         g_terms, t_logits, y_f = generator_step(ctx, G, D, opt_g, cfs.weights, hp)
@@ -370,7 +385,7 @@ def train_gan(ctx: DistillContext, hp: HiDFDHparams, real: ImageSet) -> torch.nn
                             ("d_active", (out.h > 0).float().mean())):
             meter.add(name, value)
         if it % hp.gan_log_every == 0 or it == hp.gan_iterations:
-            log_gan(ctx, it, meter, cfs, started)
+            log_gan(ctx, it, meter, cfs)
 
     if not hp.synth_use_ema:
         ctx.flag("synth_use_ema", "released behaviour: synthetic samples from G, not G_ema")
@@ -379,12 +394,14 @@ def train_gan(ctx: DistillContext, hp: HiDFDHparams, real: ImageSet) -> torch.nn
     return ema.model.eval()
 
 
-def log_gan(ctx: DistillContext, iteration: int, meter: LossMeter, cfs: FrequencySmoother, started: float) -> None:
-    """GAN-stage progress (one host sync per call): mean losses since the last call, CFS weight range."""
+def log_gan(ctx: DistillContext, iteration: int, meter: LossMeter, cfs: FrequencySmoother) -> None:
+    """GAN-stage progress (one host sync per call): mean losses since the last call, CFS weight range.
+
+    ``gan/wall_seconds`` is the run's wall time so far (it continues across a resume)."""
     extra = {"cfs_w_min": cfs.weights.min(), "cfs_w_max": cfs.weights.max()}
     values = meter.means(f"at GAN iteration {iteration}", extra, what="GAN value")
     metrics: dict[str, float] = {f"gan/{k}": v for k, v in values.items()}
-    metrics["gan/wall_seconds"] = time.perf_counter() - started
+    metrics["gan/wall_seconds"] = time.perf_counter() - ctx.started
     ctx.log_metrics(iteration, metrics)
 
 

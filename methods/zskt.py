@@ -164,8 +164,9 @@ class ZSKT(Method):
         opt_s = torch.optim.Adam(student.parameters(), lr=hp.lr_s)
         opt_g = torch.optim.Adam(generator.parameters(), lr=hp.lr_g)
         schedules = [scheduler(opt, hp.schedule, ctx.iterations) for opt in (opt_s, opt_g)]
+        ctx.keep(generator=generator, opt_s=opt_s, opt_g=opt_g, sched_s=schedules[0], sched_g=schedules[1])
 
-        for iteration in range(1, ctx.iterations + 1):
+        for iteration in ctx.steps(ctx.iterations):
             z = torch.randn(hp.batch_size, hp.nz, device=device)
             loss_g = generator_step(ctx, generator, opt_g, z, hp.clip_norm)
             terms = student_steps(ctx, generator, opt_s, z, hp)

@@ -7,14 +7,14 @@ import sys
 
 import click
 
-from methods.core.errors import DfkdError
+from methods.core.errors import EXIT_SLICE_ENDED, DfkdError
 
 from ..grid import DEFAULT_GRID, Plan, describe_grid, expand, load_grid
 from ..launchers import SlurmOptions
 from ..runner import Outcome, missing_teachers, run_grid
 from ..settings import Settings
 from ..tracking import resolve_tracking_uri
-from ..units import si
+from ..units import parse_duration, si
 from ..workqueue import DEFAULT_HEARTBEAT, default_storage
 from .app import common_options, main
 
@@ -98,22 +98,29 @@ def print_outcome(outcome: Outcome) -> None:
               help="Time limit per worker job in Slurm's format ([D-]HH:MM:SS or minutes); also the local jobs' limit. "
                    "A job that reaches it is requeued and its cell re-runs.")
 @click.option("--no-train-teachers", is_flag=True, help="Fail instead of training a teacher the cache lacks.")
+@click.option("--stop-after", "stop_after", default=None, metavar="DURATION",
+              help=f"Time slice (90s, 9m, 1h): then the running cells checkpoint and the command exits with code "
+                   f"{EXIT_SLICE_ENDED}; the same command continues.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (cells, or outcomes; accuracies as fractions).")
 @common_options
 def run_command(grid_ref: str, dry_run: bool, workers: int | None, devices: str | None, iterations: int | None,
                 tracking_uri: str | None, storage: str | None, heartbeat: int, threads: int | None, launcher: str,
                 slurm_partition: str | None, slurm_gpus_per_task: int | None, slurm_cpus_per_task: int | None,
-                slurm_time: str, no_train_teachers: bool, as_json: bool, settings: Settings) -> None:
+                slurm_time: str, no_train_teachers: bool, stop_after: str | None, as_json: bool,
+                settings: Settings) -> None:
     """Run a grid: methods × datasets × collected budgets × seeds, every cell an MLflow run.
 
-    Re-running the same grid skips finished cells and re-runs failed or interrupted ones.
-    Exit code 0 when every cell finished, 1 when some did not, 130 when interrupted.
+    Re-running the same grid skips finished cells and resumes failed or interrupted ones from their
+    last checkpoint (<results>/checkpoints/<grid>/<cell_id>.pt, written at each evaluation),
+    continuing the cell's MLflow run.  Exit code 0 when every cell finished, 1 when some did not,
+    75 when --stop-after ended the time slice (run the same command again), 130 when interrupted.
 
     Examples: dfkd-bench run --grid --dry-run;  dfkd-bench run --grid;
     dfkd-bench run --grid benchmark/grids/mnist-seeds.yaml --workers 2;
     dfkd-bench run --grid g.yaml --storage postgresql://u@db/queue --tracking-uri http://mlflow:5000
     --launcher slurm --slurm-partition gpu --slurm-gpus-per-task 1 --workers 8
     """
+    seconds = parse_duration(stop_after) if stop_after is not None else None
     device_list = tuple(d.strip() for d in devices.split(",") if d.strip()) if devices else ()
     if devices is not None and not device_list:
         raise DfkdError(f"bad --devices {devices!r}; expected a comma-separated list, e.g. cuda:0,cuda:1")
@@ -140,7 +147,7 @@ def run_command(grid_ref: str, dry_run: bool, workers: int | None, devices: str 
     outcome = run_grid(
         plan, settings, workers=n_workers, devices=device_list, tracking_uri=uri, storage=storage_url,
         heartbeat=heartbeat, threads=threads, train_teachers=not no_train_teachers, echo=lambda line: click.echo(line, err=True),
-        live=sys.stderr.isatty() and launcher != "slurm", launcher=launcher, slurm=slurm,
+        live=sys.stderr.isatty() and launcher != "slurm", launcher=launcher, slurm=slurm, stop_after=seconds,
     )
     if outcome.submitted is not None:
         if as_json:
@@ -154,11 +161,14 @@ def run_command(grid_ref: str, dry_run: bool, workers: int | None, devices: str 
         click.echo(json.dumps({
             "grid": grid.name, "experiment_id": outcome.experiment_id, "parent_run_id": outcome.parent_run_id,
             "tracking_uri": outcome.tracking_uri, "wall_seconds": outcome.wall_seconds,
-            "interrupted": outcome.interrupted, "cells": [r.to_dict() for r in outcome.rows],
+            "interrupted": outcome.interrupted, "stopped": outcome.stopped, "cells": [r.to_dict() for r in outcome.rows],
             "skipped": [{"cell": s.label, "reason": s.reason} for s in plan.skipped],
         }, indent=2))
     else:
         print_outcome(outcome)
     if outcome.interrupted:
         click.echo("interrupted: running cells were marked KILLED; run the same command again to resume", err=True)
+    elif outcome.stopped:
+        click.echo(f"time slice ended (--stop-after {stop_after}): running cells checkpointed; "
+                   f"run the same command again to continue (exit code {EXIT_SLICE_ENDED})", err=True)
     sys.exit(outcome.exit_code)

@@ -200,6 +200,24 @@ class Accountant:
         finally:
             self.counting = before
 
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The counts so far (per declared network, in declaration order, and per role's optimizer steps)."""
+        return {"meters": [[m.role, m.forward_only, m.input_grad, m.trained] for m in self.meters],
+                "steps": dict(self.steps)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s counts into the networks declared so far (same order and roles)."""
+        saved = state["meters"]
+        if len(saved) > len(self.meters) or any(role != m.role for (role, *_), m in zip(saved, self.meters)):
+            raise ValueError(f"declared networks {[m.role for m in self.meters]} do not match the saved "
+                             f"{[row[0] for row in saved]}")
+        for meter, (_, forward_only, input_grad, trained) in zip(self.meters, saved):
+            meter.forward_only, meter.input_grad, meter.trained = forward_only, input_grad, trained
+        for meter in self.meters[len(saved):]:
+            meter.forward_only = meter.input_grad = meter.trained = 0
+        self.steps = dict(state["steps"])
+
     # ------------------------------------------------------------------ totals
     def samples(self, role: str) -> int:
         return sum(m.samples for m in self.meters if m.role == role)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .accounting import deployed_size, parameter_count
+from .checkpoint import CheckpointConfig, Checkpointer, fingerprint, weights_digest
 from .context import Callback, CountingTeacher, DistillContext, Evaluation
 from .errors import BudgetError, DfkdError, PairError
 from .images import Augment, ImageSet, accuracy
@@ -177,6 +178,7 @@ def distill(
     amp: str = "auto",
     callbacks: Sequence[Callback] = (),
     evaluate_test: bool = True,
+    checkpoint: CheckpointConfig | None = None,
 ) -> DistillResult:
     """Distil ``teacher`` into ``student`` with the registered ``method`` under ``budget``.
 
@@ -185,6 +187,11 @@ def distill(
     validation every ``eval_every`` iterations with best-val checkpointing, then test accuracy of
     the last and of the best-val predictor.  ``evaluate_test=False`` (hyperparameter search, spec
     §1.5) never touches the test split: the test accuracies are NaN and not reported.
+
+    ``checkpoint``: write a resumable checkpoint at each evaluation and stage boundary (spec §6
+    "Sizing"; :mod:`methods.core.checkpoint`), continue it when ``resume`` is set, end the time
+    slice at ``deadline`` (raises :class:`~methods.core.errors.SliceEnded`); the file is removed
+    when the run finishes.
     """
     cls = get_method(method)
     hparams = cls.resolve_hparams(profile, data.dataset, overrides)
@@ -243,8 +250,15 @@ def distill(
         "budget": dataclasses.asdict(budget),
         "device": str(dev),
     }
+    if checkpoint is not None:
+        expected = fingerprint(method=method, dataset=data.dataset, seed=seed, amp=amp,
+                               hparams=dataclasses.asdict(hparams), budget=dataclasses.asdict(budget),
+                               teacher=weights_digest(teacher), student=weights_digest(student))
+        ctx.checkpointer = Checkpointer(checkpoint, expected, ctx.state_dict, ctx.load_state_dict)
+        info["resumed_from"] = ctx.checkpointer.resumed_from
     for cb in ctx.callbacks:
         cb.on_start(info)
+    ctx.keep(student=student)
     probe = torch.zeros(2, data.channels, data.size, data.size, device=dev)
     with ctx.accounting.active():
         ctx.track("teacher", counted.net, probe)
@@ -252,11 +266,13 @@ def distill(
         started = time.perf_counter()
         ctx.started = started
         cls(hparams).run(ctx)
+        if ctx.checkpointer is not None:
+            ctx.checkpointer.check_consumed()
         if ctx.predictor is None:
             raise RuntimeError(f"method {method!r} never called ctx.watch(predictor)")
         if not ctx.history or ctx.history[-1].iteration != hparams.iterations:
             ctx.evaluate(hparams.iterations)
-        wall = time.perf_counter() - started
+        wall = time.perf_counter() - ctx.started
     accounting = run_accounting(ctx, counted, probe)
 
     best = ctx.best_predictor()
@@ -274,6 +290,8 @@ def distill(
     final["wall_seconds"] = wall
     final.update(accounting)
     ctx.log_metrics(hparams.iterations, final)
+    if ctx.checkpointer is not None:
+        ctx.checkpointer.remove()
     return DistillResult(
         method=method,
         dataset=data.dataset,

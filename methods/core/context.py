@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .accounting import Accountant
+from .checkpoint import Checkpointer
 from .errors import BudgetError
 from .images import Augment, ImageSet, channel_stats
 from .meters import LossMeter
@@ -128,6 +129,7 @@ class DistillContext:
     _losses: LossMeter = field(default_factory=LossMeter)
     _last_eval: int = -1
     started: float = field(default_factory=time.perf_counter)
+    checkpointer: Checkpointer | None = None
 
     # ------------------------------------------------------------------ data access
     def collected(self, n: int | None = None) -> ImageSet:
@@ -171,6 +173,66 @@ class DistillContext:
         else:
             yield
 
+    # ------------------------------------------------------------------ resumable state (methods.core.checkpoint)
+    def keep(self, **objects: Any) -> None:
+        """Declare resumable state right after building it (spec §6 "Sizing"): modules, optimizers,
+        schedulers, ``torch.Generator`` s, objects with ``state_dict``/``load_state_dict``.
+
+        When a checkpoint is being resumed, the saved state is loaded into each object at once.
+        """
+        if self.checkpointer is not None:
+            self.checkpointer.keep(objects)
+
+    def steps(self, n: int, stage: str = "main", every: int | None = None) -> Iterator[int]:
+        """The iterations ``1..n`` of a stage, to loop over instead of ``range(1, n + 1)``.
+
+        After a resume, it starts after the checkpointed iteration (a finished stage yields nothing)
+        and restores all RNG and context state just before that iteration.  The checkpoint is written
+        after an iteration whose ``end_iteration`` evaluated, every ``every`` iterations (stages that
+        do not evaluate, e.g. a GAN stage), and when the time slice ends.
+        """
+        if self.checkpointer is None:
+            return iter(range(1, n + 1))
+        return self.checkpointer.steps(n, stage, every)
+
+    def once(self, name: str, fn: Callable[[], Any]) -> Any:
+        """A stage-boundary product (tensors or containers of tensors): ``fn()`` once, then from the checkpoint."""
+        if self.checkpointer is None:
+            return fn()
+        return self.checkpointer.once(name, fn)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The harness's own state: history, best-val state, counters, flags, loss sums, elapsed wall time."""
+        return {
+            "history": [[e.iteration, dict(e.metrics)] for e in self.history],
+            "best_val_accuracy": self.best_val_accuracy,
+            "best_iteration": self.best_iteration,
+            "best_state": self.best_state,
+            "flags": dict(self.flags),
+            "totals": dict(self.totals),
+            "accounting": self.accounting.state_dict(),
+            "teacher_images": self.teacher.images,
+            "losses": self._losses.state_dict(),
+            "last_eval": self._last_eval,
+            "elapsed": time.perf_counter() - self.started,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (loss sums back onto the run's device; wall time continues)."""
+        self.history = [Evaluation(int(it), dict(metrics)) for it, metrics in state["history"]]
+        self.best_val_accuracy = state["best_val_accuracy"]
+        self.best_iteration = state["best_iteration"]
+        self.best_state = state["best_state"]
+        self.flags = dict(state["flags"])
+        self.totals = dict(state["totals"])
+        self.accounting.load_state_dict(state["accounting"])
+        self.teacher.images = state["teacher_images"]
+        losses = state["losses"]
+        self._losses.load_state_dict({"sums": {k: v.to(self.device) for k, v in losses["sums"].items()},
+                                      "counts": losses["counts"]})
+        self._last_eval = state["last_eval"]
+        self.started = time.perf_counter() - state["elapsed"]
+
     # ------------------------------------------------------------------ reporting
     def watch(self, predictor: nn.Module) -> None:
         """Declare the module that predicts (student, or e.g. backbone + projector + teacher head)."""
@@ -187,6 +249,8 @@ class DistillContext:
             cb.on_progress(iteration, self.iterations)
         if iteration % self.eval_every == 0 or iteration == self.iterations:
             self.evaluate(iteration)
+            if self.checkpointer is not None:
+                self.checkpointer.request = True  # written after this iteration's body (ctx.steps)
 
     def evaluate(self, iteration: int) -> dict[str, float]:
         """Validate the predictor now; keep a copy of its state on strict improvement (spec §1.5)."""

@@ -19,3 +19,17 @@ class PairError(DfkdError):
 
 class NonFiniteLossError(RuntimeError):
     """A training loss became NaN or infinite (detected at evaluation time, without per-step syncs)."""
+
+
+class CheckpointError(DfkdError):
+    """A checkpoint that cannot be continued: unreadable, truncated, of another run, or not to be overwritten."""
+
+
+class SliceEnded(Exception):
+    """A time-sliced run (``--stop-after``) reached its deadline and wrote its checkpoint; run again to continue.
+
+    The CLI exits with :data:`EXIT_SLICE_ENDED`.
+    """
+
+
+EXIT_SLICE_ENDED = 75  # EX_TEMPFAIL (sysexits.h): not done yet, run the same command again

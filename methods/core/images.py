@@ -194,6 +194,19 @@ class EpochSampler:
         self._perm = torch.empty(0, dtype=torch.long, device=device)
         self._pos = 0
 
+    def state_dict(self) -> dict[str, object]:
+        """The current epoch's permutation and position (a resumed run sees the same batches)."""
+        state: dict[str, object] = {"perm": self._perm, "pos": self._pos}
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self._perm = state["perm"].to(self.device)  # type: ignore[union-attr]
+        self._pos = int(state["pos"])  # type: ignore[call-overload]
+        if self.generator is not None and "generator" in state:
+            self.generator.set_state(state["generator"])  # type: ignore[arg-type]
+
     def next(self) -> Tensor:
         """The next ``batch_size`` indices; an epoch boundary is crossed seamlessly."""
         parts = []

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
+from .checkpoint import Tally
 from .conditional import frozen_parameters
 from .context import DistillContext
 from .images import Augment, ImageSet
@@ -81,6 +82,17 @@ class RingBuffer:
             self.data[: n - first] = items[first:]
         self.index = end % self.capacity
         self.count = min(self.capacity, self.count + n)
+
+    def state_dict(self) -> dict[str, object]:
+        """The entries holding data and the write index (a checkpoint stores only the filled part)."""
+        return {"data": self.data[: self.count], "index": self.index, "count": self.count, "writes": self.writes}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        data: Tensor = state["data"]  # type: ignore[assignment]
+        if data.shape[1:] != self.data.shape[1:] or data.shape[0] > self.capacity:
+            raise ValueError(f"saved buffer {tuple(data.shape)} does not fit {tuple(self.data.shape)}")
+        self.data[: data.shape[0]].copy_(data)
+        self.index, self.count, self.writes = int(state["index"]), int(state["count"]), int(state["writes"])  # type: ignore[call-overload]
 
     def filled(self) -> Tensor:
         """The entries holding data (a view, no copy)."""
@@ -242,7 +254,7 @@ def pool_grid(pool: PixelPool, n: int) -> Tensor:
 class InversionMethod(Method):
     """Base of the inversion methods: the epoch loop of spec §4.4 "KD"; subclasses implement one round.
 
-    ``setup(ctx)`` builds (and ``ctx.track``s) the synthesis networks once; ``synthesize(ctx)``
+    ``setup(ctx)`` builds (and ``ctx.track``s and ``ctx.keep``s) the synthesis networks once; ``synthesize(ctx)``
     runs one round and returns the round's images in [0, 1] (detached) and its losses (device
     tensors, for the metrics).
     """
@@ -267,9 +279,10 @@ class InversionMethod(Method):
         opt = sgd(student.parameters(), hp_.lr_s, hp_.momentum, hp_.weight_decay)
         schedule = scheduler(opt, hp_.schedule, ctx.iterations, hp_.milestones, hp_.gamma)
         augment = Augment(crop_padding=hp_.kd_crop_padding, flip=ctx.train_augment.flip)
-        synthesis_seconds = kd_seconds = 0.0
+        seconds = Tally(synthesis=0.0, kd=0.0)
+        ctx.keep(pool=pool, opt_student=opt, sched_student=schedule, seconds=seconds)
 
-        for epoch in range(1, ctx.iterations + 1):
+        for epoch in ctx.steps(ctx.iterations):
             start = stage_clock(ctx.device)
             pixels, losses = self.synthesize(ctx)
             pool.add_pixels(pixels)
@@ -277,11 +290,12 @@ class InversionMethod(Method):
             student.train()
             losses["kd"] = kd_epoch(ctx, pool, opt, hp_.kd_steps, hp_.batch_size, augment, hp_.kd_tau)
             end = stage_clock(ctx.device)
-            synthesis_seconds += middle - start
-            kd_seconds += end - middle
+            seconds["synthesis"] += middle - start
+            seconds["kd"] += end - middle
             schedule.step()
             ctx.end_iteration(epoch, losses)
 
+        synthesis_seconds, kd_seconds = seconds["synthesis"], seconds["kd"]
         totals = {
             "synthetic_images": float(pool.writes),
             "synthesis_seconds": synthesis_seconds,

@@ -19,10 +19,20 @@ class LossMeter:
     def __bool__(self) -> bool:
         return bool(self._sums)
 
+    def state_dict(self) -> dict[str, dict]:
+        """The running sums (tensors) and counts, for a checkpoint taken between evaluations."""
+        return {"sums": dict(self._sums), "counts": dict(self._counts)}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        self._sums = {k: v.clone() for k, v in state["sums"].items()}
+        self._counts = dict(state["counts"])
+
     def add(self, name: str, value: Tensor) -> None:
         """Accumulate ``value`` (detached, fp32, stays on its device)."""
         value = value.detach().float()
         if name in self._sums:
+            if self._sums[name].device != value.device:  # restored from a (CPU) checkpoint
+                self._sums[name] = self._sums[name].to(value.device)
             self._sums[name] += value
             self._counts[name] += 1
         else:

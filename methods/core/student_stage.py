@@ -89,8 +89,11 @@ def train_student(ctx: DistillContext, images: ImageSet, config: StudentStageCon
     opt = sgd(params, config.lr, config.momentum, config.weight_decay)
     sched = scheduler(opt, config.schedule, ctx.iterations, config.milestones)
     sampler = images.sampler(batch_size)
+    ctx.keep(opt_student=opt, sched_student=sched, sampler_student=sampler)
+    if shared is not None:
+        ctx.keep(projector=shared.projector)
     predictor.train()
-    for iteration in range(1, ctx.iterations + 1):
+    for iteration in ctx.steps(ctx.iterations):
         idx = sampler.next()
         x = images.batch(idx, augment)
         with ctx.autocast():
