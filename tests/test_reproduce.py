@@ -289,3 +289,22 @@ def test_tiny_run_compares_numbers_read_back_from_mlflow(tmp_path: Path, results
     row = invoke(*args, "--markdown", results=results, data_root=data_root).stdout.strip().splitlines()
     assert row[0].startswith("| Method |") and row[2].startswith("| dfad (smoke) | mnist | lenet5->lenet5-half |")
     assert len(tracking.cell_runs(client, exp)) == 2
+
+
+@pytest.mark.slow
+def test_a_sliced_reproduce_exits_75_and_the_same_command_continues(tmp_path: Path, results_dir: Path,
+                                                                    data_root: Path) -> None:
+    results = tmp_path / "results"
+    shutil.copytree(results_dir / "teachers", results / "teachers")
+    args = ("reproduce", "--method", "dfad", "--dataset", "mnist", "--seeds", "0", "--iterations", "3",
+            "--batch-size", "16", "--device", "cpu", "--threads", "1")
+    sliced = invoke(*args, "--stop-after", "0.001s", results=results, data_root=data_root)
+    assert sliced.exit_code == 75, sliced.output
+    assert list((results / "checkpoints").rglob("*.pt")), "the cut cell left no checkpoint"
+    done = invoke(*args, "--json", results=results, data_root=data_root)
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["ours"]["finished_seeds"] == [0]
+    client = tracking.open_client(tracking.default_tracking_uri(results))
+    runs = tracking.cell_runs(client, tracking.find_experiment(client, "reproduce-dfad-mnist-i3-b16"))
+    assert [r.info.status for r in runs] == ["FINISHED"]  # one run for the cell, continued
+    assert not list((results / "checkpoints").rglob("*.pt"))  # a finished cell drops its checkpoint

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from methods.core.errors import DfkdError
+from methods.core.errors import EXIT_SLICE_ENDED, DfkdError
 
 from ..grid import Plan
 from ..references import load_references
@@ -29,6 +29,7 @@ from ..runner import missing_teachers, run_grid
 from ..settings import Settings
 from ..teachers import read_manifest, teacher_dir
 from ..tracking import resolve_tracking_uri
+from ..units import parse_duration
 from ..workqueue import default_storage
 from .app import common_options, main
 
@@ -102,6 +103,9 @@ def _dry_run(target: Target, plan: Plan, settings: Settings, uri: str, storage: 
 @click.option("--storage", envvar="DFKD_QUEUE_STORAGE", default=None,
               help="Optuna RDB URL of the work queue (env DFKD_QUEUE_STORAGE; default sqlite:///<results>/queue.db).")
 @click.option("--no-train-teachers", is_flag=True, help="Fail instead of training a teacher the cache lacks.")
+@click.option("--stop-after", "stop_after", default=None, metavar="DURATION",
+              help=f"Time slice (90s, 9m, 1h): then the running cells checkpoint and the command exits with code "
+                   f"{EXIT_SLICE_ENDED}; the same command continues (a long paper recipe as a series of commands).")
 @click.option("--iterations", type=click.IntRange(min=1), default=None, hidden=True,
               help="Smoke tests only: override the recipe's iterations (not the paper recipe; own experiment).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, hidden=True,
@@ -110,7 +114,7 @@ def _dry_run(target: Target, plan: Plan, settings: Settings, uri: str, storage: 
 def reproduce_command(method: str | None, dataset: str | None, seeds: str, pair: str | None, collected: int | None,
                       amp: str, list_only: bool, dry_run: bool, as_json: bool, markdown: bool, workers: int,
                       threads: int | None, tracking_uri: str | None, storage: str | None, no_train_teachers: bool,
-                      iterations: int | None, batch_size: int | None, settings: Settings) -> None:
+                      stop_after: str | None, iterations: int | None, batch_size: int | None, settings: Settings) -> None:
     """Run a method's paper recipe on the paper's pair and set it beside the published number (spec §5).
 
     The run is a tracked grid (experiment reproduce-<method>-<dataset>): a re-run skips finished
@@ -118,11 +122,13 @@ def reproduce_command(method: str | None, dataset: str | None, seeds: str, pair:
     teacher, wall per run) beside the published value, its source and its teacher; the gap to the
     teacher for both; and a verdict on best-val: within the published spread (±0.5 points when
     none is given), below or above.  HiDFD, CGDD and CPSC-DFKD have no verified number (spec §5.7).
-    Exit codes as `run --grid`: 0 all seeds finished, 1 some did not, 130 interrupted, 2 bad input.
+    Exit codes as `run --grid`: 0 all seeds finished, 1 some did not, 2 bad input, 75 when --stop-after
+    ended the time slice (run the same command again: the cells resume from their checkpoints), 130 interrupted.
 
     Examples: dfkd-bench reproduce --list;  dfkd-bench reproduce --method dfad --dataset mnist --dry-run;
     dfkd-bench reproduce --method dfad --dataset mnist --seeds 0 --amp bf16
     """
+    seconds = parse_duration(stop_after) if stop_after is not None else None
     references = load_references()
     if as_json and markdown:
         raise DfkdError("give --json or --markdown, not both")
@@ -146,7 +152,7 @@ def reproduce_command(method: str | None, dataset: str | None, seeds: str, pair:
         return
     outcome = run_grid(plan, settings, workers=workers, tracking_uri=uri, storage=storage_url, threads=threads,
                        train_teachers=not no_train_teachers, echo=lambda line: click.echo(line, err=True),
-                       live=sys.stderr.isatty())
+                       live=sys.stderr.isatty(), stop_after=seconds)
     device = settings.torch_device
     comparison = Comparison(target, summarize(outcome.rows), hardware(device), precision(amp, device),
                             outcome.tracking_uri, outcome.experiment_id,
@@ -159,4 +165,7 @@ def reproduce_command(method: str | None, dataset: str | None, seeds: str, pair:
         click.echo(comparison.text())
     if outcome.interrupted:
         click.echo("interrupted: running cells were marked KILLED; run the same command again to resume", err=True)
+    elif outcome.stopped:
+        click.echo(f"time slice ended (--stop-after {stop_after}): running cells checkpointed; "
+                   f"run the same command again to continue (exit code {EXIT_SLICE_ENDED})", err=True)
     sys.exit(outcome.exit_code)
