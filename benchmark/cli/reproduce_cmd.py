@@ -32,6 +32,7 @@ from ..tracking import resolve_tracking_uri
 from ..units import parse_duration
 from ..workqueue import default_storage
 from .app import common_options, main
+from .run_cmd import exit_with
 
 
 def _teacher_state(plan: Plan, settings: Settings) -> list[dict[str, Any]]:
@@ -163,9 +164,4 @@ def reproduce_command(method: str | None, dataset: str | None, seeds: str, pair:
         click.echo(comparison.markdown())
     else:
         click.echo(comparison.text())
-    if outcome.interrupted:
-        click.echo("interrupted: running cells were marked KILLED; run the same command again to resume", err=True)
-    elif outcome.stopped:
-        click.echo(f"time slice ended (--stop-after {stop_after}): running cells checkpointed; "
-                   f"run the same command again to continue (exit code {EXIT_SLICE_ENDED})", err=True)
-    sys.exit(outcome.exit_code)
+    exit_with(outcome, stop_after)

@@ -166,6 +166,11 @@ def run_command(grid_ref: str, dry_run: bool, workers: int | None, devices: str 
         }, indent=2))
     else:
         print_outcome(outcome)
+    exit_with(outcome, stop_after)
+
+
+def exit_with(outcome: Outcome, stop_after: str | None) -> None:
+    """Say why a grid stopped early (interrupted / time slice ended), then exit with the grid's code."""
     if outcome.interrupted:
         click.echo("interrupted: running cells were marked KILLED; run the same command again to resume", err=True)
     elif outcome.stopped:
