@@ -619,9 +619,16 @@ def _metric_rows(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     return data
 
 
-def _colors(labels: Sequence[str]) -> dict[str, str]:
-    """One colour per line label, stable across panels and figures."""
-    return {label: f"C{i % 10}" for i, label in enumerate(sorted(set(labels)))}
+def _colors(labels: Sequence[str]) -> dict[str, Any]:
+    """One colour per line label, stable across panels and figures: matplotlib's 10-colour cycle, or
+    tab20 when there are more labels (11 registered methods would otherwise share a colour)."""
+    names = sorted(set(labels))
+    if len(names) <= 10:
+        return {label: f"C{i}" for i, label in enumerate(names)}
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    return {label: cmap(i % 20) for i, label in enumerate(names)}
 
 
 def plot_budget(uri: str, results: Path, experiment: str | None, metric: str = "test_accuracy") -> Plotted:
