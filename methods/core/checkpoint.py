@@ -250,11 +250,10 @@ class Checkpointer:
     # ------------------------------------------------------------------ the iteration counter
     def steps(self, n: int, stage: str, every: int | None) -> Iterator[int]:
         done = self.stages.get(stage, 0)
+        self._reached(("step", stage, done))
         if done >= n:
-            self._reached(("step", stage, done))
             self.stages[stage] = n
             return
-        self._reached(("step", stage, done))
         for it in range(done + 1, n + 1):
             yield it
             self.stages[stage] = it
