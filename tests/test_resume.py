@@ -26,9 +26,9 @@ from benchmark.grid import expand, load_grid
 from benchmark.runner import checkpoint_path, run_grid
 from benchmark.settings import Settings
 from methods import Budget, distill
-from methods.core.checkpoint import CheckpointConfig
+from methods.core.checkpoint import CheckpointConfig, Checkpointer, file_sha256, fingerprint, once_path
 from methods.core.context import BaseCallback
-from methods.core.errors import EXIT_SLICE_ENDED, SliceEnded
+from methods.core.errors import EXIT_SLICE_ENDED, CheckpointError, SliceEnded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +85,58 @@ def test_a_run_sliced_after_every_iteration_ends_as_the_uninterrupted_run(
     timing = ("seconds", "per_second")
     assert ({k: v for k, v in reference.accounting.items() if not k.endswith(timing)}
             == {k: v for k, v in resumed.accounting.items() if not k.endswith(timing)})
-    assert not path.exists()  # a finished run drops its checkpoint
+    assert not list(tmp_path.glob("run.pt*"))  # a finished run drops its checkpoint and its product files
+
+
+# ----------------------------------------------------------------------------- once products
+def test_a_once_product_is_written_once_to_its_own_file_and_checked_on_resume(tmp_path) -> None:
+    """HiDFD's synthetic set (``ctx.once``) is one uint8 file written at the stage boundary: later checkpoints
+    name it (file + sha256) instead of re-serialising it; a resume reads it back; a changed or missing product
+    file is refused with one line; a format-1 checkpoint (product inline) is still read."""
+    path = tmp_path / "run.pt"
+    images = torch.randint(0, 256, (4000, 1, 32, 32), dtype=torch.uint8)
+    fp = fingerprint(method="x", seed=0)
+
+    def checkpointer(resume: bool = False) -> Checkpointer:
+        return Checkpointer(CheckpointConfig(path, resume=resume), fp, lambda: {}, lambda state: None)
+
+    calls = []
+    first = checkpointer()
+    net = torch.nn.Linear(2, 2)
+    first.keep({"net": net})
+    assert first.once("synthetic", lambda: calls.append(1) or {"images": images})["images"] is images
+    product = once_path(path, "synthetic")
+    assert product.is_file() and calls == [1]
+    before = product.stat().st_mtime_ns
+    for it in first.steps(3, "main", every=1):
+        net.weight.data += it
+    assert product.stat().st_mtime_ns == before  # never rewritten
+    assert path.stat().st_size < images.numel() / 10  # the checkpoint holds a reference, not the images
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    assert saved["once"]["synthetic"] == {"file": product.name, "sha256": file_sha256(product)}
+
+    second = checkpointer(resume=True)
+    second.keep({"net": torch.nn.Linear(2, 2)})
+    back = second.once("synthetic", lambda: pytest.fail("a resume must not recompute the product"))
+    assert torch.equal(back["images"], images) and back["images"].dtype == torch.uint8
+
+    raw = bytearray(product.read_bytes())
+    raw[-200] ^= 0xFF
+    product.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="was changed since") as error:
+        checkpointer(resume=True).once("synthetic", dict)
+    assert "\n" not in str(error.value)
+    product.unlink()
+    with pytest.raises(CheckpointError, match="is missing"):
+        checkpointer(resume=True).once("synthetic", dict)
+
+    legacy = {**saved, "format": 1, "once": {"synthetic": {"images": images}}}
+    torch.save(legacy, path)
+    third = checkpointer(resume=True)
+    third.keep({"net": torch.nn.Linear(2, 2)})
+    assert torch.equal(third.once("synthetic", dict)["images"], images) and product.is_file()
+    third.remove()
+    assert not list(tmp_path.iterdir())
 
 
 # ----------------------------------------------------------------------------- SIGKILL, then resume

@@ -11,7 +11,10 @@ they contain no save or load code:
   context's own state (history, best-val state, accounting, loss sums, wall clock) just before
   the first resumed iteration, where the checkpoint was taken.
 - ``ctx.once(name, fn)``: a stage-boundary product (e.g. HiDFD's synthetic set): computed once,
-  stored (tensors only), and returned from the checkpoint on resume.
+  written once to a file of its own next to the checkpoint (``<checkpoint>.once-<name>.pt``, tensors
+  only, e.g. one uint8 array), and returned from that file on resume.  The checkpoint names the file
+  and its sha256, so a later checkpoint (every evaluation) does not re-serialise a product that never
+  changes, and a swapped or damaged product file is refused.
 
 The checkpoint is written after the body of an iteration that evaluated (``ctx.end_iteration``),
 every ``every`` iterations of a stage without evaluations, at every ``once`` boundary, and when a
@@ -28,6 +31,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,7 +43,8 @@ from torch import Tensor, nn
 
 from .errors import CheckpointError, SliceEnded
 
-FORMAT = 1
+FORMAT = 2  # 2: once products in files of their own; 1 (still read): inline
+READABLE_FORMATS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -175,16 +180,36 @@ def write_atomic(path: Path, payload: dict[str, Any]) -> None:
 
 
 REQUIRED = ("format", "fingerprint", "position", "stages", "kept", "once", "context", "rng")
+ONCE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def once_path(checkpoint: Path, name: str) -> Path:
+    """The file holding the ``once`` product ``name`` of the run checkpointed at ``checkpoint``."""
+    return checkpoint.with_name(f"{checkpoint.name}.once-{name}.pt")
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_file(path: Path, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU; an unreadable file raises :class:`CheckpointError` (one line)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001  (truncated zip, garbage bytes, unpickling refusal...)
+        raise CheckpointError(f"{what} {path} is unreadable (truncated or corrupt: {type(error).__name__}); "
+                              "delete it to start this run afresh") from None
 
 
 def read(path: Path, expected: dict[str, str]) -> dict[str, Any]:
     """Load and check a checkpoint; a corrupt, truncated or foreign file raises :class:`CheckpointError` (one line)."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001  (truncated zip, garbage bytes, unpickling refusal...)
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt: {type(error).__name__}); "
-                              "delete it to start this run afresh") from None
-    if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED) or payload["format"] != FORMAT:
+    payload = read_file(path)
+    if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED) or payload["format"] not in READABLE_FORMATS:
         raise CheckpointError(f"checkpoint {path} is not a dfkd-bench checkpoint of format {FORMAT}; "
                               "delete it to start this run afresh")
     saved = payload["fingerprint"]
@@ -266,15 +291,41 @@ class Checkpointer:
                 raise SliceEnded(f"time slice ended after {stage} iteration {it}/{n}; checkpoint {self.path}")
 
     def once(self, name: str, fn: Callable[[], Any]) -> Any:
+        if not ONCE_NAME.match(name):
+            raise ValueError(f"ctx.once: bad name {name!r}; allowed: 1-64 letters, digits, _ or -")
         if self.pending is not None and name in self.pending["once"]:
-            value = self.pending["once"][name]
-            self.once_values[name] = value
+            if self.pending["format"] == 1:  # written before product files existed: the value is inline
+                value = self.pending["once"][name]
+                self.once_values[name] = self._write_once(name, value)
+            else:
+                value = self._read_once(name, self.pending["once"][name])
+                self.once_values[name] = dict(self.pending["once"][name])
             self._reached(("once", name, 0))
             return value
         value = fn()
-        self.once_values[name] = _cpu(value)
+        self.once_values[name] = self._write_once(name, value)
         self.save(("once", name, 0))
         return value
+
+    def _write_once(self, name: str, value: Any) -> dict[str, str]:
+        path = once_path(self.path, name)
+        write_atomic(path, {"format": FORMAT, "fingerprint": self.fingerprint, "name": name, "value": _cpu(value)})
+        return {"file": path.name, "sha256": file_sha256(path)}
+
+    def _read_once(self, name: str, entry: dict[str, str]) -> Any:
+        """The ``once`` product ``name`` from its own file, checked against the checkpoint's sha256."""
+        path = self.path.with_name(str(entry.get("file", "")))
+        if path.parent != self.path.parent or not path.is_file():
+            raise CheckpointError(f"checkpoint {self.path}: its {name!r} file {path.name} is missing; "
+                                  "delete the checkpoint to start this run afresh")
+        if file_sha256(path) != entry.get("sha256"):
+            raise CheckpointError(f"checkpoint {self.path}: its {name!r} file {path.name} was changed since the "
+                                  "checkpoint was written (sha256 differs); delete both to start this run afresh")
+        payload = read_file(path, "product file")
+        if payload.get("name") != name or payload.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(f"checkpoint {self.path}: its {name!r} file {path.name} belongs to another run; "
+                                  "delete both to start this run afresh")
+        return payload["value"]
 
     # ------------------------------------------------------------------ resume point and writing
     def _reached(self, position: tuple[str, str, int]) -> None:
@@ -314,5 +365,7 @@ class Checkpointer:
                                   "which this run never reached; delete it to start this run afresh")
 
     def remove(self) -> None:
-        """Drop the checkpoint of a finished run."""
+        """Drop the checkpoint of a finished run and its ``once`` product files."""
+        for entry in self.once_values.values():
+            self.path.with_name(entry["file"]).unlink(missing_ok=True)
         self.path.unlink(missing_ok=True)
