@@ -137,10 +137,9 @@ def synthetic_task(dataset: str, mean: tuple[float, ...], std: tuple[float, ...]
                     train, PoolCollector(dataset, train, no_other_pool))
 
 
-def measure(job: dict[str, Any]) -> dict[str, Any]:
-    """Run one timed ``distill`` as ``job`` describes; returns per-iteration timings."""
-    from methods.core.api import Budget, distill, resolve_device, seed_everything
-    from methods.core.registry import get_method
+def prepare(job: dict[str, Any]) -> dict[str, Any]:
+    """The teacher, student, synthetic data and overrides of one ``job`` (shared with :mod:`benchmark.sync_check`)."""
+    from methods.core.api import resolve_device, seed_everything
 
     from . import zoo
     from .cpu_tuning import tune_malloc
@@ -164,14 +163,24 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     probe = _count_teacher_images(teacher)
     data = synthetic_task(job["dataset"], mean, std, device)
     student = zoo.build(student_arch, data.num_classes, data.channels)
-    cls = get_method(job["method"])
     overrides = dict(job["overrides"])
     overrides.setdefault("eval_every", job["iterations"])  # validate once, after the timed window
-    hparams = cls.resolve_hparams(job["profile"], job["dataset"], overrides)
-    timer = _Timer(probe)
+    return {"teacher": teacher, "student": student, "data": data, "device": device, "overrides": overrides,
+            "probe": probe, "teacher_source": teacher_source}
+
+
+def measure(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one timed ``distill`` as ``job`` describes; returns per-iteration timings."""
+    from methods.core.api import Budget, distill
+    from methods.core.registry import get_method
+
+    run = prepare(job)
+    overrides, teacher_source = run["overrides"], run["teacher_source"]
+    hparams = get_method(job["method"]).resolve_hparams(job["profile"], job["dataset"], overrides)
+    timer = _Timer(run["probe"])
     budget = Budget(collected=job["collected"], iterations=job["iterations"])
-    distill(teacher, student, budget, method=job["method"], data=data, profile=job["profile"], overrides=overrides,
-            seed=job["seed"], device=device, amp=job["amp"], callbacks=[timer])
+    distill(run["teacher"], run["student"], budget, method=job["method"], data=run["data"], profile=job["profile"],
+            overrides=overrides, seed=job["seed"], device=run["device"], amp=job["amp"], callbacks=[timer])
     (i0, t0, n0), (i1, t1, n1) = timer.marks[job["warmup"] - 1], timer.marks[-1]
     return {
         "seconds_per_iteration": (t1 - t0) / (i1 - i0),

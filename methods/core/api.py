@@ -18,6 +18,7 @@ from .errors import BudgetError, DfkdError, PairError
 from .images import Augment, ImageSet, accuracy
 from .method import CollectedUse
 from .registry import get_method
+from .syncguard import SyncGuard
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,8 @@ def distill(
     callbacks: Sequence[Callback] = (),
     evaluate_test: bool = True,
     checkpoint: CheckpointConfig | None = None,
+    sync_debug: bool = False,
+    stage_limit: int | None = None,
 ) -> DistillResult:
     """Distil ``teacher`` into ``student`` with the registered ``method`` under ``budget``.
 
@@ -192,6 +195,11 @@ def distill(
     "Sizing"; :mod:`methods.core.checkpoint`), continue it when ``resume`` is set, end the time
     slice at ``deadline`` (raises :class:`~methods.core.errors.SliceEnded`); the file is removed
     when the run finishes.
+
+    ``sync_debug``: run every iteration body under ``torch.cuda.set_sync_debug_mode("error")``, so a
+    host-device synchronisation in a step loop raises (:mod:`methods.core.syncguard`; CUDA only,
+    validation and logging exempt).  ``stage_limit`` ends every stage after that many iterations
+    (for that check only: the result is not a run of the recipe).
     """
     cls = get_method(method)
     hparams = cls.resolve_hparams(profile, data.dataset, overrides)
@@ -240,6 +248,7 @@ def distill(
         callbacks=list(callbacks),
         _collected=collected,
         _labelled_train=labelled,
+        sync_guard=SyncGuard(sync_debug, stage_limit),
     )
     info = {
         "method": method,
@@ -265,7 +274,10 @@ def distill(
         ctx.track("student", student, probe)
         started = time.perf_counter()
         ctx.started = started
-        cls(hparams).run(ctx)
+        try:
+            cls(hparams).run(ctx)
+        finally:
+            ctx.sync_guard.close()
         if ctx.checkpointer is not None:
             ctx.checkpointer.check_consumed()
         if ctx.predictor is None:

@@ -21,6 +21,7 @@ from .checkpoint import Checkpointer
 from .errors import BudgetError
 from .images import Augment, ImageSet, channel_stats
 from .meters import LossMeter
+from .syncguard import SyncGuard
 
 
 class Callback(Protocol):
@@ -130,6 +131,7 @@ class DistillContext:
     _last_eval: int = -1
     started: float = field(default_factory=time.perf_counter)
     checkpointer: Checkpointer | None = None
+    sync_guard: SyncGuard = field(default_factory=lambda: SyncGuard(False))
 
     # ------------------------------------------------------------------ data access
     def collected(self, n: int | None = None) -> ImageSet:
@@ -191,9 +193,8 @@ class DistillContext:
         after an iteration whose ``end_iteration`` evaluated, every ``every`` iterations (stages that
         do not evaluate, e.g. a GAN stage), and when the time slice ends.
         """
-        if self.checkpointer is None:
-            return iter(range(1, n + 1))
-        return self.checkpointer.steps(n, stage, every)
+        iterations = range(1, n + 1) if self.checkpointer is None else self.checkpointer.steps(n, stage, every)
+        return self.sync_guard.loop(iterations)
 
     def once(self, name: str, fn: Callable[[], Any]) -> Any:
         """A stage-boundary product (tensors or containers of tensors): ``fn()`` once, then from the checkpoint."""
@@ -258,6 +259,10 @@ class DistillContext:
             raise RuntimeError("method never called ctx.watch(predictor)")
         if iteration == self._last_eval:
             return self.history[-1].metrics
+        with self.sync_guard.allowed():
+            return self._evaluate(iteration)
+
+    def _evaluate(self, iteration: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self._losses:
             means = self._losses.means(f"at iteration {iteration}")
@@ -279,9 +284,10 @@ class DistillContext:
 
     def log_metrics(self, step: int, metrics: dict[str, float | Tensor]) -> None:
         """Report metrics at ``step`` (tensors are synced here: call sparsely, not per step)."""
-        floats = {k: float(v) for k, v in metrics.items()}
-        for cb in self.callbacks:
-            cb.on_metrics(step, floats)
+        with self.sync_guard.allowed():
+            floats = {k: float(v) for k, v in metrics.items()}
+            for cb in self.callbacks:
+                cb.on_metrics(step, floats)
 
     def track(self, role: str, module: nn.Module, *example: Tensor) -> nn.Module:
         """Declare a network the method forwards besides the teacher and student (spec §1.2, §2.1).
@@ -299,13 +305,15 @@ class DistillContext:
 
     def record(self, key: str, value: float) -> None:
         """A run-level total the method alone knows (e.g. ``synthetic_images``), reported with the results."""
-        self.totals[key] = float(value)
+        with self.sync_guard.allowed():
+            self.totals[key] = float(value)
 
     def add_artifact(self, name: str, value: Any) -> None:
         """Attach something to show (e.g. a uint8 sample grid from ``torchvision.utils.make_grid``)."""
-        self.artifacts[name] = value
-        for cb in self.callbacks:
-            cb.on_artifact(name, value)
+        with self.sync_guard.allowed():
+            self.artifacts[name] = value
+            for cb in self.callbacks:
+                cb.on_artifact(name, value)
 
     def flag(self, name: str, reason: str) -> None:
         """Mark the run (e.g. ``bn_loss_unavailable``), shown in results and tracking."""
