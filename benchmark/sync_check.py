@@ -37,8 +37,6 @@ def innermost_method_frame(error: BaseException) -> str:
 def check_method(method: str, profile: str, dataset: str, device: str, amp: str, stage_iterations: int,
                  results: str | None, collected: int | None) -> dict[str, Any]:
     """Run ``method`` with the guard on; ``passed`` False with the offending frame when a body synchronised."""
-    import torch
-
     from methods.core.api import Budget, distill
     from methods.core.method import CollectedUse
     from methods.core.registry import get_method
@@ -63,11 +61,8 @@ def check_method(method: str, profile: str, dataset: str, device: str, amp: str,
                 profile=profile, overrides=run["overrides"], seed=0, device=run["device"], amp=amp,
                 sync_debug=True, stage_limit=stage_iterations)
         row.update(passed=True, where="")
-    except RuntimeError as error:
+    except RuntimeError as error:  # distill's guard has already set the mode back to "default"
         row.update(passed=False, where=innermost_method_frame(error), error=str(error).splitlines()[0][:200])
-    finally:
-        if torch.cuda.is_available():
-            torch.cuda.set_sync_debug_mode("default")
     return row
 
 

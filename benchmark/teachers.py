@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import pickle
 import shutil
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from methods.core.api import TaskData, seed_everything
+from methods.core.checkpoint import file_sha256 as sha256_of  # one file hash for teachers and checkpoints
 from methods.core.errors import DfkdError
 from methods.core.images import Augment, accuracy
 
@@ -58,14 +58,6 @@ def default_recipe(dataset: str) -> TeacherRecipe:
 
 def teacher_dir(results: Path, dataset: str, arch: str) -> Path:
     return Path(results) / "teachers" / dataset / arch
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def train_teacher(
