@@ -21,6 +21,7 @@ from .checkpoint import Checkpointer
 from .errors import BudgetError
 from .images import Augment, ImageSet, channel_stats
 from .meters import LossMeter
+from .probe import score_batch
 from .syncguard import SyncGuard
 
 
@@ -53,13 +54,16 @@ class CountingTeacher(nn.Module):
     """The frozen teacher (eval mode, no parameter gradients) that counts the images it is shown.
 
     The count is a Python int built from tensor shapes, so it costs no host sync.  Gradients still
-    flow *through* it to the input when a generator loss needs them (spec §1.6).
+    flow *through* it to the input when a generator loss needs them (spec §1.6).  ``last_input``
+    references (detached, no copy) the last batch it was shown, for the evaluation-time probe
+    (:mod:`methods.core.probe`).
     """
 
     def __init__(self, teacher: nn.Module) -> None:
         super().__init__()
         self.net = teacher.eval().requires_grad_(False)
         self.images = 0
+        self.last_input: Tensor | None = None
         self.train(False)
 
     def train(self, mode: bool = True) -> CountingTeacher:
@@ -69,11 +73,13 @@ class CountingTeacher(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self.images += x.shape[0]
+        self.last_input = x.detach()
         return self.net(x)
 
     def features(self, x: Tensor) -> Any:
         """The zoo interface (logits, vec, map, stages) in one forward; counted."""
         self.images += x.shape[0]
+        self.last_input = x.detach()
         return self.net.features(x)
 
     def __getattr__(self, name: str) -> Any:
@@ -270,6 +276,10 @@ class DistillContext:
         with self.accounting.paused():
             val_acc = self._validate(self.predictor)
         metrics["val_accuracy"] = val_acc
+        if self.teacher.last_input is not None:
+            with self.accounting.paused():
+                probe = score_batch(self.teacher.net, self.predictor, self.teacher.last_input, self.num_classes)
+            metrics.update({key: float(value) for key, value in probe.items()})
         if val_acc > self.best_val_accuracy:
             self.best_val_accuracy = val_acc
             self.best_iteration = iteration
