@@ -43,7 +43,17 @@ FIGURE2 = ("lambda_d", "lambda_g", "inflation", COLLECTED)
 LABELS = {"lambda_d": "λ_d (feature-integration weight in D's loss)", "lambda_g": "λ_g (frequency-smoothing weight in G's loss)",
           "inflation": "inflation factor N (copies of each collected image)", COLLECTED: "collected examples (count)"}
 METRIC_LABELS = {"test_accuracy": "test accuracy (%)", "best_val_test_accuracy": "test accuracy at best val (%)",
-                 "best_val_accuracy": "best validation accuracy (%)", "val_accuracy": "validation accuracy (%)"}
+                 "best_val_accuracy": "best validation accuracy (%)", "val_accuracy": "validation accuracy (%)",
+                 "probe/class_coverage": "teacher class coverage of its last training batch (%)",
+                 "probe/agreement": "student-teacher agreement on the teacher's last training batch (%)",
+                 "probe/teacher_confidence": "teacher confidence on its last training batch (%)",
+                 "probe/teacher_logit_abs": "teacher mean |logit| on its last training batch"}
+# Logged at every evaluation (spec §1.5; probe/*: methods/core/probe.py), besides each method's loss/<term>.
+EVALUATION_METRICS = ("val_accuracy", "best_val_accuracy", "probe/class_coverage", "probe/agreement",
+                      "probe/teacher_confidence", "probe/teacher_logit_abs")
+# Metrics tracked as fractions and plotted in percent.
+FRACTION_METRICS = {"test_accuracy", "best_val_test_accuracy", "best_val_accuracy", "val_accuracy",
+                    "probe/class_coverage", "probe/agreement", "probe/teacher_confidence"}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -731,19 +741,27 @@ def plot_compute(uri: str, results: Path, experiment: str | None, x: str = "flop
 
 
 def plot_curves(uri: str, results: Path, experiment: str | None, metric: str = "val_accuracy") -> list[Path]:
-    """Validation accuracy against iteration, one line per method (mean ± std band over seeds), per (dataset, pair, budget)."""
+    """A metric logged at every evaluation (validation accuracy by default, or a ``probe/*`` diagnostic of
+    :mod:`methods.core.probe`) against iteration, one line per method (mean ± std band over seeds), per
+    (dataset, pair, budget).  Runs that never logged ``metric`` are left out; none at all is a one-line error."""
     frame, ids = load_runs(uri, experiment, kinds=("cell",))
     client = tracking.open_client(uri)
     plt = _pyplot()
+    scale = 100.0 if metric in FRACTION_METRICS else 1.0
+    suffix = "" if metric == "val_accuracy" else "-" + _safe(metric)
     paths: list[Path] = []
     for (dataset, pair, budget), group in frame.groupby(["tags.dataset", "tags.pair", "tags.budget"]):
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        curves: dict[str, pd.DataFrame] = {}
         for method, runs in group.groupby("tags.method"):
-            series = []
-            for run_id in runs["run_id"]:
-                history = client.get_metric_history(run_id, metric)
-                series.append(pd.Series({m.step: 100 * m.value for m in history}))
-            table = pd.concat(series, axis=1).sort_index()
+            series = [pd.Series({m.step: scale * m.value for m in history})
+                      for history in (client.get_metric_history(run_id, metric) for run_id in runs["run_id"])
+                      if history]
+            if series:
+                curves[str(method)] = pd.concat(series, axis=1).sort_index()
+        if not curves:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for method, table in curves.items():
             mean, std = table.mean(axis=1), table.std(axis=1).fillna(0.0)
             ax.plot(mean.index, mean.values, marker=".", label=f"{method} ({table.shape[1]} run(s))")
             ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2)
@@ -754,7 +772,10 @@ def plot_curves(uri: str, results: Path, experiment: str | None, metric: str = "
         ax.legend(fontsize="small")
         fig.tight_layout()
         paths += save_figure(fig, results, f"curves-{_safe(experiment or 'all')}-{_safe(dataset)}-"
-                                           f"{_safe(pair)}-c{budget}", uri, ids)
+                                           f"{_safe(pair)}-c{budget}{suffix}", uri, ids)
+    if not paths:
+        raise DfkdError(f"no run of experiment {experiment or '(all)'} logged metric {metric!r}; "
+                        f"per-evaluation metrics: {', '.join(EVALUATION_METRICS)}, loss/<term>")
     return paths
 
 

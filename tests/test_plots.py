@@ -130,9 +130,31 @@ def test_curves_and_samples(store) -> None:
     out = invoke("plot", "curves", "--experiment", "compare", "--results", str(results))
     assert out.exit_code == 0, out.output
     assert (results / "plots" / "curves-compare-mnist-lenet5--lenet5-half-c100.png").is_file()
+    missing = invoke("plot", "curves", "--experiment", "compare", "--metric", "probe/class_coverage",
+                     "--results", str(results))
+    assert missing.exit_code == 2
+    assert "no run of experiment compare logged metric 'probe/class_coverage'" in missing.output
+    assert len(missing.output.strip().splitlines()) == 1
     out = invoke("plot", "samples", "--experiment", "compare", "--method", "kd-collected", "--results", str(results))
     assert out.exit_code == 0, out.output
     assert any(p.name.startswith("samples-kd-collected-") and p.suffix == ".pdf" for p in (results / "plots").iterdir())
+
+
+def test_curves_of_a_probe_metric(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    uri = tracking.default_tracking_uri(results)
+    client = tracking.open_client(uri)
+    exp = tracking.ensure_experiment(client, "probe", results, uri)
+    from benchmark.report import plot_curves
+
+    for seed in range(2):
+        run_id = log_cell(client, exp, "dfad", seed, 0, 0.5, {}, [0.2, 0.5])
+        client.log_batch(run_id, metrics=[Metric("probe/class_coverage", 0.4 + 0.1 * i, 0, 10 * (i + 1))
+                                          for i in range(2)])
+    log_cell(client, exp, "kd-real", 0, 0, 0.9, {}, [0.8, 0.9])  # logged no probe: left out, no error
+    paths = plot_curves(uri, results, "probe", "probe/class_coverage")
+    assert [p.name for p in paths if p.suffix == ".png"] == [
+        "curves-probe-mnist-lenet5--lenet5-half-c0-probe-class_coverage.png"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -118,11 +118,19 @@ def compute_command(experiment: str | None, x_axis: str, metric: str, tracking_u
 
 @plot_group.command("curves")
 @EXPERIMENT
+@click.option("--metric", default="val_accuracy", show_default=True,
+              help="A metric logged at every evaluation: val_accuracy, best_val_accuracy, loss/<term>, or a probe "
+                   "of the teacher's last training batch: probe/class_coverage, probe/agreement, "
+                   "probe/teacher_confidence, probe/teacher_logit_abs.")
 @TRACKING
 @common_options
-def curves_command(experiment: str | None, tracking_uri: str | None, settings: Settings) -> None:
-    """Validation accuracy against iteration, per method (one figure per dataset, pair and budget)."""
-    for path in plot_curves(open_uri(settings.results, tracking_uri), settings.results, experiment):
+def curves_command(experiment: str | None, metric: str, tracking_uri: str | None, settings: Settings) -> None:
+    """A per-evaluation metric (validation accuracy by default) against iteration, per method (one figure per
+    dataset, pair and budget).
+
+    Example: dfkd-bench plot curves --experiment default --metric probe/class_coverage
+    """
+    for path in plot_curves(open_uri(settings.results, tracking_uri), settings.results, experiment, metric):
         click.echo(f"wrote {path}")
 
 
