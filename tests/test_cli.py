@@ -50,6 +50,10 @@ def test_distill_json(cli):
         assert key in record
     assert 0.0 <= record["test_accuracy"] <= 1.0 and record["budget"]["collected"] == 50
     assert record["teacher_images"] == 100 * 64
+    history = record["history"]
+    assert [h["iteration"] for h in history] == [50, 100]
+    assert max(h["val_accuracy"] for h in history) == record["best_val_accuracy"]
+    assert all(0.0 <= h["probe/agreement"] <= 1.0 and 0.0 <= h["probe/class_coverage"] <= 1.0 for h in history)
 
 
 BAD = [

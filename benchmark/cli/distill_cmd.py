@@ -36,7 +36,8 @@ from .app import common_options, main, parse_sets
 @click.option("--amp", type=click.Choice(["auto", "bf16", "off"]), default="auto", show_default=True,
               help="auto = bf16 autocast on CUDA, fp32 on CPU.")
 @click.option("--download", is_flag=True, help="Let torchvision download the dataset.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (accuracies as fractions).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (accuracies as fractions; "
+              "'history': every evaluation's metrics).")
 @click.option("--checkpoint", "checkpoint", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               help="Write a resumable checkpoint here at each evaluation and stage boundary (removed when the run finishes).")
 @click.option("--resume", is_flag=True,
@@ -81,6 +82,7 @@ def distill_command(method: str, dataset: str, teacher: str, student: str, colle
         bar.close()
     out = summary(spec, result)
     if as_json:
+        out["history"] = [{"iteration": e.iteration, **e.metrics} for e in result.history]
         click.echo(json.dumps(out))
         return
     click.echo(f"{method} on {dataset} ({teacher} -> {student}), collected {collected}, profile {profile}, seed {seed}")
