@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from torch import Tensor, nn
 
-from .core.conditional import eval_mode, frozen_parameters, report_generator, sample_conditional
+from .core.conditional import frozen_parameters, report_generator, sample_conditional
 from .core.context import DistillContext
 from .core.contrastive import FrozenAdapter, two_view_supcon
 from .core.generators import GeneratorD
@@ -71,6 +71,7 @@ from .core.hooks import BNStatisticsLoss
 from .core.losses import cross_entropy, kl_divergence, mse
 from .core.method import CommonHparams, Method
 from .core.method import hp as hparam
+from .core.modes import eval_mode
 from .core.registry import register
 from .core.schedules import scheduler, sgd
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .context import DistillContext
+from .modes import eval_mode
 
 
 def sample_conditional(generator: nn.Module, batch: int, num_classes: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -32,17 +33,6 @@ def frozen_parameters(module: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in zip(module.parameters(), flags, strict=True):
             p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """``module.eval()`` inside the block, its previous mode restored afterwards."""
-    was = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was)
 
 
 @torch.no_grad()

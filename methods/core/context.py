@@ -71,16 +71,17 @@ class CountingTeacher(nn.Module):
         super().train(False)
         return self
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _seen(self, x: Tensor) -> Tensor:
         self.images += x.shape[0]
         self.last_input = x.detach()
-        return self.net(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self._seen(x))
 
     def features(self, x: Tensor) -> Any:
         """The zoo interface (logits, vec, map, stages) in one forward; counted."""
-        self.images += x.shape[0]
-        self.last_input = x.detach()
-        return self.net.features(x)
+        return self.net.features(self._seen(x))
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -275,11 +276,10 @@ class DistillContext:
             metrics.update({f"loss/{key}": value for key, value in means.items()})
         with self.accounting.paused():
             val_acc = self._validate(self.predictor)
+            seen = self.teacher.last_input
+            probe = score_batch(self.teacher.net, self.predictor, seen, self.num_classes) if seen is not None else {}
         metrics["val_accuracy"] = val_acc
-        if self.teacher.last_input is not None:
-            with self.accounting.paused():
-                probe = score_batch(self.teacher.net, self.predictor, self.teacher.last_input, self.num_classes)
-            metrics.update({key: float(value) for key, value in probe.items()})
+        metrics.update(zip(probe, torch.stack(list(probe.values())).tolist()) if probe else {})
         if val_acc > self.best_val_accuracy:
             self.best_val_accuracy = val_acc
             self.best_iteration = iteration

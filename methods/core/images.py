@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .modes import eval_mode
+
 
 @dataclass(frozen=True)
 class Augment:
@@ -227,12 +229,10 @@ def accuracy(model: torch.nn.Module, images: ImageSet, batch_size: int = 1000) -
     """Top-1 accuracy (a fraction) of ``model`` in eval mode on labelled ``images``; one host sync."""
     if images.labels is None:
         raise ValueError("accuracy needs labelled images")
-    was_training = model.training
-    model.eval()
     data = images.normalized()
     correct = torch.zeros((), dtype=torch.long, device=data.device)
-    for start in range(0, len(images), batch_size):
-        logits = model(data[start : start + batch_size])
-        correct += (logits.argmax(1) == images.labels[start : start + batch_size]).sum()
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(images), batch_size):
+            logits = model(data[start : start + batch_size])
+            correct += (logits.argmax(1) == images.labels[start : start + batch_size]).sum()
     return correct.item() / len(images)

@@ -25,6 +25,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .modes import eval_mode
+
 PROBE_SAMPLES = 256
 
 
@@ -41,15 +43,9 @@ def class_coverage(labels: Tensor, num_classes: int) -> Tensor:
 def score_batch(teacher: nn.Module, predictor: nn.Module, x: Tensor, num_classes: int) -> dict[str, Tensor]:
     """The ``probe/*`` numbers for batch ``x`` (module modes are restored afterwards)."""
     x = x[:PROBE_SAMPLES].float()
-    modes = [(m, m.training) for m in (teacher, predictor)]
-    try:
-        teacher.eval()
-        predictor.eval()
+    with eval_mode(teacher, predictor):
         z_t = teacher(x).float()
         z_s = predictor(x).float()
-    finally:
-        for module, mode in modes:
-            module.train(mode)
     y_t = z_t.argmax(1)
     return {
         "probe/class_coverage": class_coverage(y_t, num_classes),
