@@ -19,7 +19,8 @@ MobileNetV2, its Table 3); only the classification setting is implemented.
 
 Execution (not algorithm) choices: the imitation stage runs G and T under ``no_grad`` (x = sg G(z)
 needs no graph); ``fused_upsample`` computes G's upsample+conv blocks with half the arithmetic
-(same function); ``channels_last`` and ``compile`` are opt-in.  See ``python -m benchmark.speed``.
+(same function); ``compile`` is opt-in.  The memory layout (channels-last on CPU) is the harness's
+(:mod:`methods.core.layout`), for G, T and S alike.  See ``python -m benchmark.speed``.
 """
 from __future__ import annotations
 
@@ -65,8 +66,8 @@ class DFADHparams(CommonHparams):
 
     ``student_steps`` is k.  ``schedule``/``milestones``/``gamma`` apply to both S and G (milestones
     as fractions of the iterations).  Execution options, which leave the algorithm unchanged:
-    ``fused_upsample`` (see :func:`~methods.core.generators.up2_conv3x3`), ``channels_last`` (G's
-    memory format), ``compile`` (``torch.compile`` the generator), ``imitation_graph`` (build G's
+    ``fused_upsample`` (see :func:`~methods.core.generators.up2_conv3x3`), ``compile`` (``torch.compile``
+    the generator), ``imitation_graph`` (build G's
     autograd graph in the student steps and detach x, as the released code does: only to measure
     what ``no_grad`` saves).  ``samples``: images in the final sample grid.
     """
@@ -85,7 +86,6 @@ class DFADHparams(CommonHparams):
     milestones: tuple[float, ...] = hp((), ge=0, le=1)
     gamma: float = hp(0.1, gt=0, le=1)
     fused_upsample: bool = True
-    channels_last: bool = False
     compile: bool = False
     imitation_graph: bool = False
     samples: int = hp(64, ge=1)
@@ -156,10 +156,7 @@ def generation_step(teacher: nn.Module, student: nn.Module, generator: nn.Module
 
 def build_generator(hp: DFADHparams, channels: int, size: int, device: torch.device) -> nn.Module:
     """GeneratorA(nz, ngf, nc) in train mode on ``device``."""
-    generator = GeneratorA(hp.nz, hp.ngf, channels, size, fused_upsample=hp.fused_upsample).to(device).train()
-    if hp.channels_last:
-        generator = generator.to(memory_format=torch.channels_last)
-    return generator
+    return GeneratorA(hp.nz, hp.ngf, channels, size, fused_upsample=hp.fused_upsample).to(device).train()
 
 
 @register("dfad")

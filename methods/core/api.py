@@ -16,6 +16,7 @@ from .checkpoint import CheckpointConfig, Checkpointer, fingerprint, weights_dig
 from .context import Callback, CountingTeacher, DistillContext, Evaluation
 from .errors import BudgetError, DfkdError, PairError
 from .images import Augment, ImageSet, accuracy
+from .layout import memory_format
 from .method import CollectedUse
 from .registry import get_method
 from .syncguard import SyncGuard
@@ -210,6 +211,7 @@ def distill(
     check_budget(method, budget, data)
     check_teacher(method, teacher)
     dev = resolve_device(device)
+    memory_format(dev)  # a bad $DFKD_MEMORY_FORMAT fails here, before any work
     seed_everything(seed)
 
     counted = CountingTeacher(teacher.to(dev))

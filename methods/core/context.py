@@ -20,6 +20,7 @@ from .accounting import Accountant
 from .checkpoint import Checkpointer
 from .errors import BudgetError
 from .images import Augment, ImageSet, channel_stats
+from .layout import to_layout
 from .meters import LossMeter
 from .probe import score_batch
 from .syncguard import SyncGuard
@@ -307,8 +308,9 @@ class DistillContext:
         per sample; none for a module that costs nothing (e.g. optimised pixels).  The harness counts
         the samples every tracked network processes, the optimizer steps on its parameters
         (``steps/<role>``; ``generator_steps`` for role ``generator``) and the training FLOPs.
-        Returns ``module``.
+        The module is put in the harness's memory layout (:mod:`methods.core.layout`).  Returns ``module``.
         """
+        to_layout(module, self.device)
         self.networks.setdefault(role, []).append(module)
         self.accounting.track(role, module, *example)
         return module
