@@ -67,9 +67,8 @@ class DFADHparams(CommonHparams):
     ``student_steps`` is k.  ``schedule``/``milestones``/``gamma`` apply to both S and G (milestones
     as fractions of the iterations).  Execution options, which leave the algorithm unchanged:
     ``fused_upsample`` (see :func:`~methods.core.generators.up2_conv3x3`), ``compile`` (``torch.compile``
-    the generator), ``imitation_graph`` (build G's
-    autograd graph in the student steps and detach x, as the released code does: only to measure
-    what ``no_grad`` saves).  ``samples``: images in the final sample grid.
+    the generator), ``imitation_graph`` (build G's autograd graph in the student steps and detach x, as
+    the released code does: only to measure what ``no_grad`` saves).  ``samples``: images in the final sample grid.
     """
 
     iterations: int = hp(2_000, ge=1)

@@ -13,7 +13,7 @@ from methods import Budget, distill
 from methods.core.accounting import Accountant
 from methods.core.errors import DfkdError
 from methods.core.generators import GeneratorA
-from methods.core.layout import ENV, memory_format, to_layout
+from methods.core.layout import ENV, memory_format
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,7 +58,7 @@ def test_same_function_and_input_gradient(lenet5_bn_teacher, mnist, monkeypatch)
     ref_logits, ref_grad = logits_and_grad(copy.deepcopy(net).double(), torch.float64)
     for layout in ("contiguous", "channels_last"):
         monkeypatch.setenv(ENV, layout)
-        to_layout(net, torch.device("cpu"))
+        net.to(memory_format=memory_format(torch.device("cpu")))
         logits, grad = logits_and_grad(net)
         torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
         assert (grad - ref_grad).norm() / ref_grad.norm() < 0.05, layout
@@ -71,7 +71,7 @@ def test_parameters_keep_their_identity():
     g = GeneratorA(nz=8, ngf=4, nc=1)
     before = [id(p) for p in g.parameters()]
     opt = torch.optim.SGD(g.parameters(), lr=0.1)
-    to_layout(g, torch.device("cpu"))
+    g.to(memory_format=memory_format(torch.device("cpu")))
     assert [id(p) for p in g.parameters()] == before
     g(torch.randn(4, 8)).sum().backward()
     w = g.conv2.weight.detach().clone()

@@ -211,7 +211,7 @@ def distill(
     check_budget(method, budget, data)
     check_teacher(method, teacher)
     dev = resolve_device(device)
-    memory_format(dev)  # a bad $DFKD_MEMORY_FORMAT fails here, before any work
+    layout = memory_format(dev)  # a bad $DFKD_MEMORY_FORMAT fails here, before any work
     seed_everything(seed)
 
     counted = CountingTeacher(teacher.to(dev))
@@ -247,6 +247,7 @@ def distill(
         eval_every=max(1, min(hparams.eval_every, hparams.iterations)),
         collected_budget=budget.collected,
         amp=amp,
+        memory_format=layout,
         callbacks=list(callbacks),
         _collected=collected,
         _labelled_train=labelled,

@@ -20,7 +20,6 @@ from .accounting import Accountant
 from .checkpoint import Checkpointer
 from .errors import BudgetError
 from .images import Augment, ImageSet, channel_stats
-from .layout import to_layout
 from .meters import LossMeter
 from .probe import score_batch
 from .syncguard import SyncGuard
@@ -121,6 +120,7 @@ class DistillContext:
     eval_every: int
     collected_budget: int = 0
     amp: str = "auto"
+    memory_format: torch.memory_format = torch.contiguous_format  # of every network (methods.core.layout)
     callbacks: list[Callback] = field(default_factory=list)
     _collected: ImageSet | None = None
     _labelled_train: ImageSet | None = None
@@ -308,9 +308,9 @@ class DistillContext:
         per sample; none for a module that costs nothing (e.g. optimised pixels).  The harness counts
         the samples every tracked network processes, the optimizer steps on its parameters
         (``steps/<role>``; ``generator_steps`` for role ``generator``) and the training FLOPs.
-        The module is put in the harness's memory layout (:mod:`methods.core.layout`).  Returns ``module``.
+        The module is put in the run's ``memory_format`` (:mod:`methods.core.layout`).  Returns ``module``.
         """
-        to_layout(module, self.device)
+        module.to(memory_format=self.memory_format)
         self.networks.setdefault(role, []).append(module)
         self.accounting.track(role, module, *example)
         return module

@@ -4,8 +4,8 @@ On this project's CPUs (oneDNN convolutions, fp32) channels-last weights make th
 the *input* about twice as fast (a frozen LeNet-5(-BN) teacher or student back-propagating to a
 generator's images) and GeneratorA's forward + backward about 1.5x; a trainable student's step is
 unchanged.  Those passes are what every generator and inversion method spends its time in, so the
-harness puts every network it forwards (teacher, student and each module a method declares with
-``ctx.track``) in this layout.  Values are the same function up to float rounding; the parameters
+harness resolves the layout once per run (``DistillContext.memory_format``) and puts every network
+it forwards (teacher, student and each module a method declares with ``ctx.track``) in it.  Values are the same function up to float rounding; the parameters
 stay the same ``Parameter`` objects (optimizers built before the move keep working).
 
 ``DFKD_MEMORY_FORMAT=channels_last|contiguous`` overrides the default (e.g. to compare the two in one
@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import nn
 
 from .errors import DfkdError
 
@@ -34,7 +33,3 @@ def memory_format(device: torch.device) -> torch.memory_format:
         raise DfkdError(f"bad {ENV}={value!r}; allowed: {', '.join(FORMATS)}")
     return FORMATS[value]
 
-
-def to_layout(module: nn.Module, device: torch.device) -> nn.Module:
-    """``module`` with its 4-d parameters and buffers in :func:`memory_format` (in place; returned)."""
-    return module.to(memory_format=memory_format(device))
