@@ -30,6 +30,7 @@ from methods.core.images import Augment, accuracy
 
 from . import zoo
 from .data import get_spec
+from .teacher_response import noise_response
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ def save_teacher(
         "train_split": "train-core (90%, stratified, seed 0)",
         "val_accuracy": scores["val_accuracy"],
         "test_accuracy": scores["test_accuracy"],
+        "noise_response": noise_response(model, data.val, data.num_classes),
         "train_seconds": train_seconds,
         "device": device,
         "torch": torch.__version__,

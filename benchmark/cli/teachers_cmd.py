@@ -75,10 +75,24 @@ def list_command(as_json: bool, settings: Settings) -> None:
     if not found:
         click.echo(f"no cached teachers under {settings.results / 'teachers'}", file=sys.stderr)
         return
-    click.echo(f"{'dataset':<14}{'arch':<13}{'test':>8}{'val':>8}{'epochs':>8}{'seed':>6}  sha256")
+    click.echo(f"{'dataset':<14}{'arch':<13}{'test':>8}{'val':>8}{'epochs':>8}{'seed':>6}{'|z| noise/real':>16}"
+               f"{'noise classes':>15}  sha256")
     for m in found:
         click.echo(f"{m['dataset']:<14}{m['arch']:<13}{100 * m['test_accuracy']:>7.2f}%{100 * m['val_accuracy']:>7.2f}%"
-                   f"{m['recipe']['epochs']:>8}{m['seed']:>6}  {m['sha256'][:12]}")
+                   f"{m['recipe']['epochs']:>8}{m['seed']:>6}{_noise_columns(m)}  {m['sha256'][:12]}")
+    if any("noise_response" in m for m in found):
+        click.echo("|z| noise/real: the teacher's mean |logit| on N(0, 1) inputs over that on validation images "
+                   "(near 1: noise is answered as confidently as data, which generator methods exploit); "
+                   "noise classes: coverage of its argmax on the noise (1 = all classes, 0 = one).", err=True)
+
+
+def _noise_columns(manifest: dict[str, object]) -> str:
+    """The two noise-response columns (benchmark.teacher_response); dashes for teachers cached before them."""
+    response = manifest.get("noise_response")
+    if not isinstance(response, dict):
+        return f"{'-':>16}{'-':>15}"
+    ratio = f"{response['noise_logit_abs']:.1f}/{response['real_logit_abs']:.1f} ({response['noise_to_real']:.2f})"
+    return f"{ratio:>16}{response['noise_class_coverage']:>15.2f}"
 
 
 @teachers_group.command("push")
