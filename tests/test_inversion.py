@@ -13,7 +13,7 @@ from torch import nn
 from benchmark import zoo
 from benchmark.cli import main
 from methods import Budget, TaskData, distill, get_method, method_names
-from methods.adi import ADI, ADIHparams
+from methods.adi import ADI, ADIHparams, Pixels
 from methods.cmi import CMI, CMIHparams, contrastive_loss, info_nce
 from methods.core.context import CountingTeacher, DistillContext
 from methods.core.hooks import BNInputMeans, BNStatisticsLoss
@@ -139,6 +139,28 @@ def test_synthesis_returns_its_lowest_loss_iterate(mnist: TaskData, method, monk
     assert torch.equal(pixels, offers[lowest][1])
     assert losses["synthesis"].item() == pytest.approx(losses_seen[lowest])
     assert pixels.shape == (8, 1, 32, 32) and pixels.min() >= 0 and pixels.max() <= 1
+
+
+def test_pixels_take_adam_steps_in_the_teachers_normalized_units() -> None:
+    """The released code runs Adam(lr_g) on the normalized tensor: one step moves a pixel by lr_g·σ_T, not lr_g."""
+    mean, std = torch.tensor([0.5, 0.1]).view(1, 2, 1, 1), torch.tensor([0.25, 0.2]).view(1, 2, 1, 1)
+    torch.manual_seed(0)
+    pixels = Pixels((4, 2, 3, 3), mean, std)
+    pixels.reset()
+    before = pixels().detach().clone()
+    assert before.min() >= 0 and before.max() <= 1 and before.std() > 0.05  # N(0, 1) in normalized space, clamped
+    with torch.no_grad():
+        pixels.u.clamp_(-1, 1)  # keep every pixel away from the bounds for the step below
+    before = pixels().detach().clone()
+    opt = torch.optim.Adam(pixels.parameters(), lr=0.1, betas=(0.5, 0.99))
+    pixels().sum().backward()  # d/du = σ_T > 0 everywhere: Adam's first step is −lr_g in u
+    opt.step()
+    step = pixels().detach() - before
+    assert torch.allclose(step, (-0.1 * std).expand_as(step), atol=1e-6)
+    with torch.no_grad():
+        pixels.u.fill_(100.0)
+    pixels.clamp_()
+    assert torch.allclose(pixels().detach(), torch.ones(4, 2, 3, 3), atol=1e-6)  # clamped at pixel value 1
 
 
 # ----------------------------------------------------------------------------- CMI's contrast
