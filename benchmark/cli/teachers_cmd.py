@@ -83,7 +83,7 @@ def list_command(as_json: bool, settings: Settings) -> None:
     if any("noise_response" in m for m in found):
         click.echo("|z| noise/real: the teacher's mean |logit| on N(0, 1) inputs over that on validation images "
                    "(near 1: noise is answered as confidently as data, which generator methods exploit); "
-                   "noise classes: coverage of its argmax on the noise (1 = all classes, 0 = one).", err=True)
+                   "noise classes: coverage of its argmax on the noise (1 = all classes, 0 = one).")
 
 
 def _noise_columns(manifest: dict[str, object]) -> str:
