@@ -33,7 +33,7 @@ def noise_response(model: nn.Module, real: ImageSet, num_classes: int, samples: 
                    seed: int = NOISE_SEED) -> dict[str, float]:
     """Mean |z_T| on real images and on N(0, 1) noise, their ratio, and the class coverage of the noise's argmax."""
     device = next(model.parameters()).device
-    x_real = real.normalized()[:samples].to(device)
+    x_real = real.batch(slice(0, samples)).to(device)  # normalizes only the images used
     generator = torch.Generator(device="cpu").manual_seed(seed)
     x_noise = torch.randn((samples, *x_real.shape[1:]), generator=generator).to(device)
     with eval_mode(model):

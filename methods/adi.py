@@ -86,6 +86,8 @@ class Pixels(nn.Module):
         self.u = nn.Parameter(torch.zeros(shape))
         self.register_buffer("mean", mean.clone(), persistent=False)
         self.register_buffer("std", std.clone(), persistent=False)
+        self.register_buffer("low", -mean / std, persistent=False)  # u of pixel value 0, per channel
+        self.register_buffer("high", (1 - mean) / std, persistent=False)  # u of pixel value 1
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -96,7 +98,7 @@ class Pixels(nn.Module):
     @torch.no_grad()
     def clamp_(self) -> None:
         """Clamp x̂ to [0, 1], i.e. u to [−μ/σ, (1 − μ)/σ] per channel (the released ``clip_images``)."""
-        self.u.copy_(torch.maximum(torch.minimum(self.u, (1 - self.mean) / self.std), -self.mean / self.std))
+        self.u.clamp_(self.low, self.high)
 
     def forward(self) -> Tensor:
         return self.mean + self.std * self.u
@@ -154,9 +156,9 @@ class ADI(InversionMethod):
 
     def setup(self, ctx: DistillContext) -> None:
         hp_: ADIHparams = self.hp  # type: ignore[assignment]
-        self.mean = torch.tensor(ctx.mean, device=ctx.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(ctx.std, device=ctx.device).view(1, -1, 1, 1)
-        self.pixels = Pixels((hp_.b_syn, ctx.channels, ctx.size, ctx.size), self.mean, self.std).to(ctx.device)
+        mean = torch.tensor(ctx.mean, device=ctx.device).view(1, -1, 1, 1)
+        std = torch.tensor(ctx.std, device=ctx.device).view(1, -1, 1, 1)
+        self.pixels = Pixels((hp_.b_syn, ctx.channels, ctx.size, ctx.size), mean, std).to(ctx.device)
         ctx.track("generator", self.pixels)
         self.bn = BNStatisticsLoss(ctx.teacher.net)
 
@@ -174,7 +176,7 @@ class ADI(InversionMethod):
         with synthesis_student(ctx, hp_.student_eval_in_synthesis) as student:
             for _ in range(hp_.g_steps):
                 x = pixels()
-                v = (roll_flip(x, max_shift, flip) - self.mean) / self.std
+                v = roll_flip(pixels.u, max_shift, flip)  # the same jitter on the normalized images
                 with ctx.autocast():
                     with bn.capture():
                         t_logits = ctx.teacher(v)
