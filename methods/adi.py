@@ -112,7 +112,15 @@ def synthesis_loss(hp_: ADIHparams, l_bn: Tensor, l_oh: Tensor, l_adv: Tensor, l
 
 # MNIST [ours]: the spec has no MNIST recipe; SGD 0.1 with τ = 20 (gradients ×τ on the logits) drives
 # LeNet-5-half to NaN within two epochs (measured), so S uses SGD 0.01 as the MNIST KD recipe of §4.1.
-_MNIST_PAPER = {"lr_s": 0.01}
+# λ_tv 0.3 on MNIST (the spec's 1e-3 is CIFAR's): at 1e-3 the prior is ~1/100 of the BN term and the pool
+# keeps the N(0, 1) init's pixel noise, which the BN teacher answers with confident logits
+# (teachers list: |z| noise/real 0.96) that LeNet-5-half cannot fit (it agreed with T on ~66% of
+# its own pool).  Session 10, chosen on validation accuracy with a scratch proxy (DeepInversion's loss on
+# 1,024 images at 100 steps, then 600 KD steps of a fresh LeNet-5-half; not shipped), seed 0 / 1:
+# λ_tv 1e-3 71.8 / 79.0%, 0.1 79.5 / 86.2%, 0.3 85.7 / 90.2%, 0.5 86.0% (seed 0), 1.0 70.7% (seed 0,
+# the label CE stays at 2.05: too smooth to show a class).  Full quick runs, seed 1: ADI 83.67 -> 93.57%,
+# DeepInversion 82.70 -> 92.72%, at the same cost.
+_MNIST_PAPER = {"lr_s": 0.01, "lambda_tv": 0.3}
 # Quick CPU profile [ours, spec §6]: same losses, weights and schedule shape; 16 epochs of 128 images at
 # 100 synthesis steps (2,048 images) and 120 KD steps per epoch at B 256 (1,920 in all).  Measured (lenet5-bn
 # -> lenet5-half, quick, one thread): 10 x (60 synthesis + 40 KD) ended at 71.4% (ADI, seed 0); 16 x (256
@@ -124,7 +132,10 @@ _MNIST_PAPER = {"lr_s": 0.01}
 # earlier pixel units: ADI 89.20 / 83.67 / 89.51% (seeds 0-2; mean 87.46) against 91.43 / 78.64 / 88.68%
 # (86.25); DeepInversion seed 1 82.70 against 82.55%; the round's last-iterate CE falls from ~1.9 to ~0.5-1.7
 # and the BN term from ~8.4 to ~6.  kd_steps 400 (ADI seed 0, pixel units) 92.91% at 1.75x the wall.
-_MNIST_QUICK = {**_MNIST_PAPER, "iterations": 16, "eval_every": 2, "b_syn": 128, "g_steps": 100, "kd_steps": 120,
+# Session 10, with λ_tv 0.3 (DeepInversion seed 1): 120 KD steps per epoch 92.72% (233 s, two runs side by side),
+# 24 epochs 93.07% (407 s), 200 KD steps per epoch 93.85% (364 s): the pool is good enough now that more KD
+# steps on it buy more than more images, so the quick profile takes 200.
+_MNIST_QUICK = {**_MNIST_PAPER, "iterations": 16, "eval_every": 2, "b_syn": 128, "g_steps": 100, "kd_steps": 200,
                 "batch_size": 256}
 _CIFAR_QUICK = {"iterations": 20, "eval_every": 5, "b_syn": 128, "g_steps": 200, "kd_steps": 100, "batch_size": 128}
 
@@ -143,7 +154,7 @@ class ADI(InversionMethod):
         "lambda_bn": FloatDistribution(0.1, 100.0, log=True),
         "lambda_oh": FloatDistribution(0.1, 10.0, log=True),
         "lambda_adv": FloatDistribution(0.1, 10.0, log=True),
-        "lambda_tv": FloatDistribution(1e-5, 1e-1, log=True),
+        "lambda_tv": FloatDistribution(1e-5, 1.0, log=True),
         "lr_g": FloatDistribution(0.01, 0.5, log=True),
         "lr_s": FloatDistribution(0.01, 0.2, log=True),
         "g_steps": CategoricalDistribution([100, 200, 500, 1000, 2000]),
