@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from torch import nn
 
 from benchmark import zoo
 from benchmark.cli import main
@@ -81,6 +82,29 @@ def test_dfad_training_flops_follow_the_spec_cost_formula(mnist, lenet5_teacher)
     assert a["student_parameters"] == 15_738
     assert a["teacher_parameters"] == 61_706
     assert a["teacher_flops"] == pytest.approx(T, rel=0.10)
+
+
+def test_a_new_optimizer_is_not_counted_under_a_freed_ones_roles():
+    """Steps count by the optimizer's own parameters: a student optimizer created where a freed generator
+    optimizer lived (CPython reuses the address, so the same id()) must not count as a generator step."""
+    from methods.core.accounting import Accountant
+
+    acct = Accountant()
+    gen, stu = nn.Linear(2, 2), nn.Linear(2, 2)
+    acct.track("generator", gen)
+    acct.track("student", stu)
+    x = torch.zeros(1, 2)
+    with acct.active():
+        for _ in range(20):
+            opt = torch.optim.SGD(gen.parameters(), lr=0.1)
+            gen(x).sum().backward()
+            opt.step()
+            del opt
+            opt = torch.optim.SGD(stu.parameters(), lr=0.1)
+            stu(x).sum().backward()
+            opt.step()
+            del opt
+    assert acct.steps == {"generator": 20, "student": 20}
 
 
 def test_validation_forwards_are_not_training_compute(mnist, lenet5_teacher):

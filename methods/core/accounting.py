@@ -20,6 +20,7 @@ The counts are Python integers built from tensor shapes inside forward pre-hooks
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,7 +131,9 @@ class Accountant:
         self.steps: dict[str, int] = {}
         self.counting = True
         self._handles: list[RemovableHandle] = []
-        self._roles_of: dict[int, tuple[str, ...]] = {}
+        # Keyed by the optimizer object itself (weakly), never by id(): a freed optimizer's id is reused by
+        # the next one, which then inherited the dead one's roles (a student step counted as a generator step).
+        self._roles_of: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[str, ...]] = weakref.WeakKeyDictionary()
         self._tracked: set[int] = set()
 
     # ------------------------------------------------------------------ declaring networks
@@ -169,12 +172,11 @@ class Accountant:
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self.counting:
             return
-        key = id(optimizer)
-        roles = self._roles_of.get(key)
+        roles = self._roles_of.get(optimizer)
         if roles is None:
             params = {id(p) for group in optimizer.param_groups for p in group["params"]}
             roles = tuple(dict.fromkeys(m.role for m in self.meters if any(id(p) in params for p in m._params)))
-            self._roles_of[key] = roles
+            self._roles_of[optimizer] = roles
         for role in roles:
             self.steps[role] = self.steps.get(role, 0) + 1
 
