@@ -17,19 +17,7 @@ start=$(date +%s)
 END=$(( start + ${BUDGET_S:-540} ))
 OUT=${OUT:-/tmp/gpu-check-out}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-if [ -d .whl ] && ! $PY -c "import mlflow, optuna" 2>/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed" >&2; exit 3; }
-  export PYTHONPATH=/tmp/site
-  $PY -c "import mlflow, optuna, sqlalchemy, alembic" || { echo "carried wheels incomplete (see the import error)" >&2; exit 3; }
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-data=/tmp/gpu-check-data
-if [ -d .mnist ]; then
-  mkdir -p $data/MNIST/raw
-  for f in .mnist/*.gz; do gunzip -c "$f" > $data/MNIST/raw/"$(basename "$f" .gz)"; done
-  export DFKD_DATA=$data
-fi
+. scripts/gpu/env.sh /tmp/gpu-check-data
 R=${RESULTS:-/tmp/gpu-check-results}; mkdir -p "$R"
 [ -n "${RESULTS_IN:-}" ] && tar xzf "$RESULTS_IN" -C "$R"
 if [ -n "${SMOKE:-}" ]; then

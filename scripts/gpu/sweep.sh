@@ -15,17 +15,7 @@ export PYTHONUNBUFFERED=1
 start=$(date +%s); END=$(( start + ${BUDGET_S:-530} ))
 OUT=${OUT:-/tmp/sweep-out}; mkdir -p "$OUT"; W=/tmp/sweep-work; mkdir -p $W/res
 PY=${PYTHON:-python3}
-if [ -d .whl ] && ! $PY -c "import mlflow, optuna" 2>/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed" >&2; exit 3; }
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-if [ -d .mnist ]; then
-  mkdir -p $W/data/MNIST/raw
-  for f in .mnist/*.gz; do gunzip -c "$f" > $W/data/MNIST/raw/"$(basename "$f" .gz)"; done
-  export DFKD_DATA=$W/data
-fi
+. scripts/gpu/env.sh $W/data
 R=$W/results; mkdir -p $R/teachers; cp -r .teacher/* $R/teachers/
 if [ -n "${SMOKE:-}" ]; then DEVICE=${DEVICE:-cpu}; extra="--iterations 2 --batch-size 16"; else DEVICE=${DEVICE:-cuda}; extra=""; fi
 { echo "start $(date -u +%FT%TZ) device $DEVICE"; nvidia-smi -L 2>/dev/null; $PY -c "import torch; print('torch', torch.__version__)"; } > "$OUT/log.txt"
