@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from benchmark import zoo
 from methods import get_method
@@ -233,8 +234,33 @@ def test_generator_optimizer_reset_flag(lenet5_bn_teacher, monkeypatch, data_fre
     data_free_run("cpsc", lenet5_bn_teacher, **TINY)
     persistent = len(made)
     made.clear()
-    data_free_run("cpsc", lenet5_bn_teacher, **TINY, g_opt_reset_each_step=True)
+    data_free_run("cpsc", lenet5_bn_teacher, **TINY, g_opt_reset_each_step=True, g_schedule="none")
     assert persistent == 1 and len(made) == 1 + TINY["g_steps"]
+
+
+@pytest.mark.parametrize("g_schedule", ["none", "cosine"])
+def test_g_schedule_anneals_the_generator_lr_per_iteration(lenet5_bn_teacher, data_free_run, g_schedule) -> None:
+    g_lrs: list[float] = []
+
+    def record(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        if len(optimizer.param_groups) == 1 and optimizer.defaults.get("betas") == (0.5, 0.999):  # G's Adam
+            g_lrs.append(optimizer.param_groups[0]["lr"])
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        data_free_run("cpsc", lenet5_bn_teacher, **{**TINY, "iterations": 4, "eval_every": 4}, lr_g=0.01,
+                      g_schedule=g_schedule)
+    finally:
+        handle.remove()
+    # cosine over 4 iterations, constant within one (2 G steps each): 0.01·(1 + cos(πk/4))/2, computed by hand
+    per_iteration = [0.01] * 4 if g_schedule == "none" else [0.01, 0.0085355, 0.005, 0.0014645]
+    assert g_lrs == pytest.approx([lr for lr in per_iteration for _ in range(TINY["g_steps"])], abs=1e-6)
+
+
+def test_g_schedule_needs_the_persistent_generator_optimizer() -> None:
+    with pytest.raises(DfkdError, match=r"g_schedule=cosine and g_opt_reset_each_step=true.*allowed") as err:
+        CPSC.resolve_hparams("quick", "mnist", {"g_schedule": "cosine", "g_opt_reset_each_step": "true"})
+    assert "\n" not in str(err.value)
 
 
 def test_short_mnist_run_learns(lenet5_bn_teacher, data_free_run) -> None:

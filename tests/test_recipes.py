@@ -71,7 +71,7 @@ def test_cpsc_cifar_recipe(dataset: str) -> None:
     assert (hp.lr_g, tuple(hp.g_betas), hp.g_opt_reset_each_step) == (1e-3, (0.5, 0.999), False)  # one persistent Adam
     assert (hp.g_steps, hp.s_steps, hp.nz) == (6, 5, 256)
     assert (hp.alpha, hp.beta, hp.gamma) == (5.0, 1.0, 0.7)
-    assert (hp.ce_on_probs, hp.lr_schedule) == (False, "fixed")
+    assert (hp.ce_on_probs, hp.lr_schedule, hp.g_schedule) == (False, "fixed", "none")
 
 
 def test_cpsc_mnist_recipe() -> None:
@@ -79,6 +79,7 @@ def test_cpsc_mnist_recipe() -> None:
     assert (hp.batch_size, hp.iterations, hp.eval_every) == (512, 2_000, 50)
     assert (hp.lr_s, hp.weight_decay, hp.warmup) == (0.01, 1e-4, 100)
     assert (hp.lr_g, tuple(hp.g_betas), hp.g_steps, hp.s_steps) == (1e-3, (0.5, 0.999), 6, 5)
+    assert hp.g_schedule == "none"  # the paper's constant G rate; only the quick profile anneals it
 
 
 # ----------------------------------------------------------------------------- KD-ORI (spec §4.1)
