@@ -9,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from benchmark import zoo
 from benchmark.cli import main
@@ -250,6 +251,27 @@ def test_cmi_reinitialises_its_one_generator_every_round(mnist: TaskData) -> Non
     assert len(ctx.networks["generator"]) == 1
     assert not torch.equal(trained, method.generator.fc.weight)
     assert method.generator.fc.weight.std().item() == pytest.approx(0.02, rel=0.3)  # N(0, 0.02), two steps later
+
+
+def test_kd_warmup_ramps_the_student_lr_over_the_first_epochs_then_follows_the_milestones(mnist: TaskData) -> None:
+    # warm-up 2 of 4 epochs, milestone at epoch 3 of 4 (×0.1 from epoch 4), 2 KD steps per epoch: the student's
+    # lr per KD step is lr·(1/2, 2/2, 1, 0.1), each twice (spec §4.4 milestones, the warm-up ours)
+    student_lrs: list[float] = []
+    teacher, student = zoo.build("lenet5-bn", 10, 1), zoo.build("lenet5-half", 10, 1)
+    student_params = {id(p) for p in student.parameters()}
+
+    def record(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        if id(optimizer.param_groups[0]["params"][0]) in student_params:
+            student_lrs.append(optimizer.param_groups[0]["lr"])
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        distill(teacher, student, Budget(iterations=4), method="deepinv", data=tiny_task(mnist, 64), profile="quick",
+                overrides={"b_syn": 4, "g_steps": 1, "kd_steps": 2, "batch_size": 4, "lr_s": 0.1, "warmup": 2,
+                           "milestones": (0.75,), "eval_every": 4, "samples": 4})
+    finally:
+        handle.remove()
+    assert student_lrs == pytest.approx([0.05, 0.05, 0.1, 0.1, 0.1, 0.1, 0.01, 0.01])
 
 
 # ----------------------------------------------------------------------------- declarations and the CLI

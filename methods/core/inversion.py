@@ -188,7 +188,8 @@ class InversionHparams(CommonHparams):
 
     ``iterations`` counts epochs (one synthesis round of ``b_syn`` images + ``kd_steps`` KD steps,
     spec §1.2); ``eval_every`` is in epochs (default 1, one recipe epoch, spec §1.5); ``batch_size`` is the KD batch.  ``milestones`` are
-    fractions of the epochs (120/150/180 of 200).  ``kd_crop_padding``: RandomCrop(size, padding)
+    fractions of the epochs (120/150/180 of 200); ``warmup`` epochs of linear KD lr warm-up precede them (0, the
+    spec's schedule, in every profile; a knob to tune).  ``kd_crop_padding``: RandomCrop(size, padding)
     of the pool images in the KD steps (flip per the dataset's convention).  ``student_eval_in_synthesis``:
     the released code puts S in eval() during synthesis; by default S stays in train() with its
     parameters frozen (spec §1.6).  ``samples``: images of the pool in the sample grid.
@@ -207,6 +208,7 @@ class InversionHparams(CommonHparams):
     schedule: Schedule = "multistep"
     milestones: tuple[float, ...] = hp((0.6, 0.75, 0.9), gt=0, lt=1)
     gamma: float = hp(0.1, gt=0)
+    warmup: int = hp(0, ge=0)  # epochs of linear KD lr warm-up before the schedule (0: none, the spec's)
     kd_crop_padding: int = hp(4, ge=0)
     student_eval_in_synthesis: bool = False
     samples: int = hp(64, ge=1)
@@ -277,7 +279,7 @@ class InversionMethod(Method):
         self.setup(ctx)
         pool = PixelPool(ctx.iterations * hp_.b_syn, ctx.channels, ctx.size, ctx.device)
         opt = sgd(student.parameters(), hp_.lr_s, hp_.momentum, hp_.weight_decay)
-        schedule = scheduler(opt, hp_.schedule, ctx.iterations, hp_.milestones, hp_.gamma)
+        schedule = scheduler(opt, hp_.schedule, ctx.iterations, hp_.milestones, hp_.gamma, hp_.warmup)
         augment = Augment(crop_padding=hp_.kd_crop_padding, flip=ctx.train_augment.flip)
         seconds = Tally(synthesis=0.0, kd=0.0)
         ctx.keep(pool=pool, opt_student=opt, sched_student=schedule, seconds=seconds)
