@@ -58,6 +58,25 @@ def test_kd_real_learns_on_mnist(mnist, lenet5_teacher):
     assert [e.iteration for e in result.history] == [150, 300]
 
 
+def test_kd_real_computes_the_teacher_once_per_image_when_mnist_is_not_augmented(mnist, lenet5_teacher, monkeypatch):
+    # MNIST has no augmentation (spec §2.9) and the teacher is frozen (§1.6): a run longer than one pass over
+    # train-core takes the teacher's logits from one pass instead of one forward per step, and learns the same.
+    import methods.core.student_stage as stage
+
+    steps = 450  # 450 × 128 = 57,600 samples > 54,000 images
+    cached = distill(lenet5_teacher, _student(), Budget(iterations=steps), method="kd-real", data=mnist,
+                     overrides={"eval_every": steps})
+    monkeypatch.setattr(stage, "TEACHER_CACHE_LIMIT", 0)  # no cache fits: one teacher forward per step
+    per_step = distill(lenet5_teacher, _student(), Budget(iterations=steps), method="kd-real", data=mnist,
+                       overrides={"eval_every": steps})
+    assert cached.teacher_images == len(mnist.train)
+    assert per_step.teacher_images == steps * 128
+    assert cached.test_accuracy > 0.8
+    assert cached.test_accuracy == pytest.approx(per_step.test_accuracy, abs=0.003)
+    for a, b in zip(cached.predictor.parameters(), per_step.predictor.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-3), (a - b).abs().max()
+
+
 @pytest.mark.parametrize("objective", ["simkd", "kd"])
 def test_kd_collected_learns_from_100_examples(mnist, lenet5_teacher, objective):
     result = distill(lenet5_teacher, _student(), Budget(collected=100, iterations=300), method="kd-collected",

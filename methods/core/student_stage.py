@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .context import DistillContext
 from .images import Augment, ImageSet, concat
@@ -82,8 +82,40 @@ def build_predictor(ctx: DistillContext, objective: str) -> tuple[nn.Module, lis
     return predictor, params, predictor
 
 
+# Largest teacher-output cache (elements) kept for a deterministic pipeline: 64M floats = 256 MB.
+TEACHER_CACHE_LIMIT = 64 * 2**20
+
+
+@torch.no_grad()
+def cached_teacher_outputs(ctx: DistillContext, images: ImageSet, objective: str, augment: Augment,
+                           steps: int, batch_size: int, chunk: int = 2048) -> Tensor | None:
+    """The teacher's target for every stored image (logits for ``kd``, feature map for ``simkd``), computed once.
+
+    Only when the pipeline is deterministic (``augment`` is the identity, e.g. KD-ORI on MNIST, spec §2.9:
+    no MNIST augmentation) and the run sees more than one pass of ``images`` (``steps·batch_size``
+    samples): the frozen teacher (spec §1.6) then gives each image the same output every epoch, so one
+    pass replaces one teacher forward per step.  ``None`` (compute per batch) otherwise, or when the cache
+    would exceed :data:`TEACHER_CACHE_LIMIT` elements.
+    """
+    if not augment.is_identity or steps * batch_size <= len(images):
+        return None
+    if objective == "kd" and ctx.num_classes * len(images) > TEACHER_CACHE_LIMIT:
+        return None  # known before any forward; a feature map's size is known after the first chunk
+    parts: list[Tensor] = []
+    with ctx.autocast():
+        for start in range(0, len(images), chunk):
+            out = ctx.teacher.features(images.batch(slice(start, start + chunk)))
+            parts.append(out.logits if objective == "kd" else out.map)
+            if parts[0][0].numel() * len(images) > TEACHER_CACHE_LIMIT:
+                return None
+    return torch.cat(parts)
+
+
 def train_student(ctx: DistillContext, images: ImageSet, config: StudentStageConfig, batch_size: int, augment: Augment) -> None:
-    """Run ``ctx.iterations`` student steps on minibatches of ``images`` (spec §4.1, §4.2, §3.2 stage 3)."""
+    """Run ``ctx.iterations`` student steps on minibatches of ``images`` (spec §4.1, §4.2, §3.2 stage 3).
+
+    With a deterministic pipeline the teacher's outputs come from :func:`cached_teacher_outputs`.
+    """
     predictor, params, shared = build_predictor(ctx, config.objective)
     ctx.watch(predictor)
     opt = sgd(params, config.lr, config.momentum, config.weight_decay)
@@ -92,18 +124,23 @@ def train_student(ctx: DistillContext, images: ImageSet, config: StudentStageCon
     ctx.keep(opt_student=opt, sched_student=sched, sampler_student=sampler)
     if shared is not None:
         ctx.keep(projector=shared.projector)
+    cache = cached_teacher_outputs(ctx, images, config.objective, augment, ctx.iterations, batch_size)
     predictor.train()
     for iteration in ctx.steps(ctx.iterations):
         idx = sampler.next()
         x = images.batch(idx, augment)
         with ctx.autocast():
-            with torch.no_grad():
-                t = ctx.teacher.features(x)
+            if cache is not None:
+                target = cache[idx]
+            else:
+                with torch.no_grad():
+                    t = ctx.teacher.features(x)
+                target = t.logits if shared is None else t.map
             if shared is not None:
-                loss = simkd_loss(shared.projected(x), t.map)
+                loss = simkd_loss(shared.projected(x), target)
             else:
                 s_logits = ctx.student(x)
-                loss = kd_loss(t.logits, s_logits, config.tau)
+                loss = kd_loss(target, s_logits, config.tau)
                 if config.ce_weight > 0:
                     assert images.labels is not None
                     loss = loss + config.ce_weight * cross_entropy(s_logits, images.labels[idx])
