@@ -295,6 +295,13 @@ def test_methods_are_registered_with_bn_teachers_and_paper_recipes() -> None:
     assert (cmi.lambda_bn, cmi.lambda_oh, cmi.lambda_adv, cmi.lambda_cr, cmi.cr_T) == (1, 0.5, 0.5, 0.8, 0.1)
     assert (cmi.bank_size, cmi.n_neg, cmi.nz, cmi.head_dim, cmi.cr_features) == (40_960, 4096, 256, 256, "stages")
     assert [round(f * cmi.iterations) for f in cmi.milestones] == [25, 30, 35]
+    # CMI's quick MNIST profile keeps the paper profile's losses and weights; its student lr is 0.002, not 0.01:
+    # at 0.01 the first KD epoch (200 steps on 128 images) silenced most of LeNet-5-half's conv2 channels for good
+    # in the runs that ended under 93% (methods/cmi.py).
+    paper, quick = (get_method("cmi").resolve_hparams(p, "mnist") for p in ("paper", "quick"))
+    weights = ("lambda_bn", "lambda_oh", "lambda_adv", "lambda_cr", "cr_T", "kd_tau")
+    assert [getattr(quick, w) for w in weights] == [getattr(paper, w) for w in weights]
+    assert (paper.lr_s, quick.lr_s) == (0.01, 0.002)
 
 
 def test_a_teacher_without_batchnorm_is_refused_with_one_line(results_dir, data_root, tmp_path) -> None:
