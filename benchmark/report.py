@@ -47,13 +47,14 @@ METRIC_LABELS = {"test_accuracy": "test accuracy (%)", "best_val_test_accuracy":
                  "probe/class_coverage": "teacher class coverage of its last training batch (%)",
                  "probe/agreement": "student-teacher agreement on the teacher's last training batch (%)",
                  "probe/teacher_confidence": "teacher confidence on its last training batch (%)",
-                 "probe/teacher_logit_abs": "teacher mean |logit| on its last training batch"}
+                 "probe/teacher_logit_abs": "teacher mean |logit| on its last training batch",
+                 "probe/silent_units": "student units silent on 512 held-out real images (%)"}
 # Logged at every evaluation (spec §1.5; probe/*: methods/core/probe.py), besides each method's loss/<term>.
 EVALUATION_METRICS = ("val_accuracy", "best_val_accuracy", "probe/class_coverage", "probe/agreement",
-                      "probe/teacher_confidence", "probe/teacher_logit_abs")
+                      "probe/teacher_confidence", "probe/teacher_logit_abs", "probe/silent_units")
 # Metrics tracked as fractions and plotted in percent.
 FRACTION_METRICS = {"test_accuracy", "best_val_test_accuracy", "best_val_accuracy", "val_accuracy",
-                    "probe/class_coverage", "probe/agreement", "probe/teacher_confidence"}
+                    "probe/class_coverage", "probe/agreement", "probe/teacher_confidence", "probe/silent_units"}
 
 
 # ----------------------------------------------------------------------------- loading

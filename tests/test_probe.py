@@ -11,7 +11,7 @@ from torch import nn
 from benchmark import zoo
 from methods import Budget, CollectedUse, CommonHparams, Method, distill
 from methods.core import registry
-from methods.core.probe import PROBE_SAMPLES, class_coverage, score_batch
+from methods.core.probe import PROBE_SAMPLES, REAL_PROBE_SAMPLES, class_coverage, score_batch, silent_units
 
 
 def test_class_coverage_is_normalised_entropy_of_the_argmax_histogram():
@@ -112,4 +112,35 @@ def test_every_evaluation_scores_the_last_batch_the_teacher_saw(shows_the_teache
         for key, value in expected.items():
             assert evaluation.metrics[key] == pytest.approx(value.item(), abs=1e-6)
     # the probe's forwards are not training: the teacher's image count is the method's alone
+    assert result.teacher_images == 4 * 32
+
+
+def test_silent_units_counts_the_stage_channels_and_penultimate_units_that_never_fire(mnist):
+    # LeNet-5-half: 3 conv1 + 8 conv2 channels (post-ReLU stages) and 60 penultimate units = 71 units.
+    torch.manual_seed(0)
+    student = zoo.build("lenet5-half", 10, 1)
+    x = mnist.val.normalized()[:64]
+    with torch.no_grad():
+        f = student.features(x)
+        alive = sum(int((m > 0).any()) for stage in f.stages for m in stage.transpose(0, 1)) + int((f.vec > 0).any(0).sum())
+    assert silent_units(student, x).item() == pytest.approx(1 - alive / 71)
+    # silence 5 of the 8 conv2 channels (as CMI's bad runs at lr 0.01 did): a bias far below any input's reach
+    conv2 = [m for m in student.modules() if isinstance(m, nn.Conv2d)][1]
+    with torch.no_grad():
+        conv2.bias[:5] = -1e4
+        f = student.features(x)
+    assert [int((f.stages[1][:, c] > 0).any()) for c in range(8)] == [0, 0, 0, 0, 0, 1, 1, 1]
+    with torch.no_grad():
+        alive = sum(int((m > 0).any()) for stage in f.stages for m in stage.transpose(0, 1)) + int((f.vec > 0).any(0).sum())
+    assert silent_units(student, x).item() == pytest.approx(1 - alive / 71)
+    assert silent_units(student, x).item() >= 5 / 71
+    assert student.training  # the mode is restored
+
+
+def test_every_evaluation_reports_the_students_silent_units_on_held_out_digits(shows_the_teacher, mnist, lenet5_teacher):
+    torch.manual_seed(0)
+    student = zoo.build("lenet5-half", 10, 1)
+    result = distill(lenet5_teacher, student, Budget(), method=shows_the_teacher, data=mnist, device="cpu")
+    expected = silent_units(student, mnist.val.normalized()[:REAL_PROBE_SAMPLES]).item()  # nothing trains S here
+    assert [e.metrics["probe/silent_units"] for e in result.history] == pytest.approx([expected, expected])
     assert result.teacher_images == 4 * 32

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .accounting import deployed_size, parameter_count
 from .checkpoint import CheckpointConfig, Checkpointer, fingerprint, weights_digest
@@ -18,6 +18,7 @@ from .errors import BudgetError, DfkdError, PairError
 from .images import Augment, ImageSet, accuracy
 from .layout import memory_format
 from .method import CollectedUse
+from .probe import REAL_PROBE_SAMPLES, silent_units
 from .registry import get_method
 from .syncguard import SyncGuard
 
@@ -232,6 +233,9 @@ def distill(
     def validate(predictor: nn.Module) -> float:
         return accuracy(predictor, val)
 
+    def probe_real() -> dict[str, Tensor]:
+        return {"probe/silent_units": silent_units(student, val.normalized()[:REAL_PROBE_SAMPLES])}
+
     ctx = DistillContext(
         teacher=counted,
         student=student,
@@ -243,6 +247,7 @@ def distill(
         std=data.std,
         train_augment=data.train_augment,
         _validate=validate,
+        _probe_real=probe_real if hasattr(student, "features") else None,
         iterations=hparams.iterations,
         eval_every=max(1, min(hparams.eval_every, hparams.iterations)),
         collected_budget=budget.collected,

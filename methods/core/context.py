@@ -124,6 +124,7 @@ class DistillContext:
     callbacks: list[Callback] = field(default_factory=list)
     _collected: ImageSet | None = None
     _labelled_train: ImageSet | None = None
+    _probe_real: Callable[[], dict[str, Tensor]] | None = None  # harness diagnostics on held-out real images
     # state
     history: list[Evaluation] = field(default_factory=list)
     artifacts: dict[str, Any] = field(default_factory=dict)
@@ -279,6 +280,8 @@ class DistillContext:
             val_acc = self._validate(self.predictor)
             seen = self.teacher.last_input
             probe = score_batch(self.teacher.net, self.predictor, seen, self.num_classes) if seen is not None else {}
+            if self._probe_real is not None:
+                probe.update(self._probe_real())
         metrics["val_accuracy"] = val_acc
         metrics.update(zip(probe, torch.stack(list(probe.values())).tolist()) if probe else {})
         if val_acc > self.best_val_accuracy:
