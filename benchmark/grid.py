@@ -11,6 +11,7 @@ A grid is a YAML file (read with ``yaml.safe_load``) such as::
       - mnist                      # pair: the method's default_pairs, else the built-in pair
       - name: fashion-mnist
         pairs: ["lenet5->lenet5-half", {teacher: lenet5-bn, student: lenet5-half}]
+    expected_seconds: {dfad: 276, kd-collected: 23}   # optional: wall per cell, for the queue order
     methods:
       - all                        # every registered method not listed below
       - name: kd-collected
@@ -26,6 +27,11 @@ A grid is a YAML file (read with ``yaml.safe_load``) such as::
 A method's ``sweep`` (``{lambda_d: [0.01, 1], collected: [500, 5000]}``) adds, for sensitivity
 figures, one variant per listed value with that value alone changed from the base (the
 method's overrides and the grid's first budget): one-at-a-time, not a Cartesian product.
+
+``expected_seconds`` (method → seconds per cell, e.g. measured on the machine the grid is sized for) sets
+only the order in which cells are queued: longest first, cells of unlisted methods before all listed
+ones (they may be long), ties in plan order.  With several workers that shortens the tail where one
+worker runs a long cell alone (longest-processing-time-first scheduling); it changes no result.
 
 Expanding a grid gives the cells to run and the cells skipped with their reason (a budget the
 method does not accept, a dataset its profile does not cover); nothing is dropped silently.  A
@@ -65,7 +71,7 @@ BUILTIN_PAIRS: dict[str, tuple[str, str]] = {
 }
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 TOP_KEYS = ("name", "description", "profile", "amp", "iterations", "batch_size", "seeds", "budgets", "datasets",
-            "methods")
+            "methods", "expected_seconds")
 METHOD_KEYS = ("name", "profile", "overrides", "iterations", "batch_size", "budgets", "seeds", "pairs", "sweep")
 DATASET_KEYS = ("name", "teacher", "student", "pairs")
 BUDGET_KEYS = ("collected", "source", "balanced")
@@ -138,6 +144,7 @@ class Grid:
     all_methods: bool = False
     description: str = ""
     source: str = "<built-in>"
+    expected_seconds: tuple[tuple[str, float], ...] = ()  # method -> wall per cell, for the queue order only
 
     def with_iterations(self, iterations: int) -> Grid:
         """The grid with every method's iterations overridden (``run --iterations``)."""
@@ -223,6 +230,11 @@ class Plan:
     def teachers(self) -> list[tuple[str, str]]:
         """Distinct (dataset, teacher arch) pairs the cells need, in first-use order."""
         return list(dict.fromkeys((c.spec.dataset, c.spec.teacher) for c in self.cells))
+
+    def queue_order(self) -> list[Cell]:
+        """The cells longest expected first (``grid.expected_seconds``; unlisted methods first, ties in plan order)."""
+        expected = dict(self.grid.expected_seconds)
+        return sorted(self.cells, key=lambda c: -expected.get(c.spec.method, float("inf")))
 
     @property
     def digest(self) -> str:
@@ -381,6 +393,7 @@ def parse_grid(data: Any, source: str = "<grid>") -> Grid:
     if "methods" not in data:
         raise GridError(f"{where}: missing key 'methods'; give 'all' or a list of: {', '.join(method_names())}")
     methods, all_methods = _methods(data["methods"], where, profile)
+    expected_seconds = _expected_seconds(data.get("expected_seconds", {}), f"{where}: expected_seconds")
     return Grid(
         name=name,
         methods=methods,
@@ -394,7 +407,22 @@ def parse_grid(data: Any, source: str = "<grid>") -> Grid:
         all_methods=all_methods,
         description=str(data.get("description", "") or ""),
         source=source,
+        expected_seconds=expected_seconds,
     )
+
+
+def _expected_seconds(value: Any, where: str) -> tuple[tuple[str, float], ...]:
+    """``{method: seconds}``: registered method names, numbers >= 0."""
+    if not isinstance(value, Mapping):
+        raise GridError(f"{where}: expected a mapping of method name to seconds per cell; got {value!r}")
+    out: list[tuple[str, float]] = []
+    for method, seconds in value.items():
+        if method not in method_names():
+            raise GridError(f"{where}: unknown method {method!r}; allowed: {', '.join(method_names())}")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+            raise GridError(f"{where}.{method}: bad value {seconds!r}; allowed: a number of seconds >= 0")
+        out.append((method, float(seconds)))
+    return tuple(out)
 
 
 def _check_keys(data: Mapping[str, Any], allowed: Sequence[str], where: str, what: str) -> None:

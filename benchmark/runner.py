@@ -380,7 +380,7 @@ def prepare(plan: Plan, settings: Settings, tracking_uri: str, storage_url: str,
     active = {t.user_attrs.get("cell_id") for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,
                                                                                             TrialState.RUNNING))}
     enqueued = 0
-    for cell in plan.cells:
+    for cell in plan.queue_order():  # longest expected first: workers pop WAITING trials in enqueue order
         if cell.cell_id in done or cell.cell_id in active:
             continue
         study.enqueue_trial({}, user_attrs={"cell_id": cell.cell_id, "label": cell.label, "cell": cell.to_dict()})

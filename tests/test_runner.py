@@ -156,6 +156,9 @@ GOOD = {"name": "g", "datasets": ["mnist"], "methods": ["kd-real"]}
         ({"seeds": ["zero"]}, "seeds[0]: expected an integer; got 'zero'"),
         ({"iterations": 0}, "iterations: bad value 0; allowed: an integer >= 1"),
         ({"amp": "fp8"}, "bad amp 'fp8'; allowed: auto, bf16, off"),
+        ({"expected_seconds": {"dfda": 3}}, "expected_seconds: unknown method 'dfda'; allowed: " + ", ".join(method_names())),
+        ({"expected_seconds": {"dfad": -1}}, "expected_seconds.dfad: bad value -1; allowed: a number of seconds >= 0"),
+        ({"expected_seconds": [270]}, "expected_seconds: expected a mapping of method name to seconds per cell"),
     ],
 )
 def test_grid_errors_name_the_key_and_the_allowed_values(change: dict, message: str) -> None:
@@ -210,6 +213,34 @@ def test_cells_resolve_overrides_pairs_and_skips() -> None:
     assert len({c.cell_id for c in plan.cells}) == len(plan.cells)
     assert type(first).from_dict(json.loads(json.dumps(first.to_dict()))).cell_id == first.cell_id
     assert expand(grid.with_iterations(31)).cells[0].cell_id != first.cell_id
+
+
+def test_cells_are_queued_longest_expected_first(tmp_path: Path) -> None:
+    # expected_seconds orders the queue only (longest-processing-time first, so no worker is left with a long
+    # cell at the end): unlisted methods first, ties in plan order; the plan, the ids and the results are unchanged.
+    grid = parse_grid({**GOOD, "seeds": [0, 1], "budgets": [0, 100], "methods": ["kd-collected", "hidfd", "dfad"],
+                       "expected_seconds": {"kd-collected": 20, "hidfd": 120}})
+    plan = expand(grid)
+    assert [c.spec.method for c in plan.cells] == ["kd-collected"] * 2 + ["hidfd"] * 2 + ["dfad"] * 2
+    order = plan.queue_order()
+    assert [(c.spec.method, c.spec.seed) for c in order] == [
+        ("dfad", 0), ("dfad", 1), ("hidfd", 0), ("hidfd", 1), ("kd-collected", 0), ("kd-collected", 1)]
+    assert sorted(c.cell_id for c in order) == sorted(c.cell_id for c in plan.cells)
+    # the queue the workers pop (WAITING trials in enqueue order) follows it
+    from benchmark.runner import prepare
+
+    storage = f"sqlite:///{tmp_path / 'queue.db'}"
+    settings = Settings(results=tmp_path, data_dir=tmp_path, device="cpu")
+    prepared = prepare(plan, settings, f"sqlite:///{tmp_path / 'mlflow.db'}", storage, 60, 2, ())
+    import optuna
+
+    study = optuna.load_study(study_name=prepared.config.study, storage=open_storage(storage, 60))
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    assert [t.user_attrs["cell_id"] for t in trials] == [c.cell_id for c in order]
+    # and the default grid carries this machine's measured cost per method, longest (dfad) first
+    default = expand(load_grid("default"))
+    assert dict(default.grid.expected_seconds).keys() == set(method_names())
+    assert default.queue_order()[0].spec.method == max(default.grid.expected_seconds, key=lambda kv: kv[1])[0]
 
 
 def test_default_grid_dry_run_lists_every_method_and_the_budgets_that_fit(tmp_path: Path) -> None:
