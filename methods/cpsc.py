@@ -53,7 +53,7 @@ re-normalizes; with default biases its outputs are nearly one constant direction
 
 Recipes [ours where marked in the spec]: MNIST S SGD 0.01 (momentum 0.9 kept from the CIFAR column,
 which the MNIST column does not restate), wd 1e-4, warm-up 100; nz 100 on MNIST.  Quick MNIST: ngf 8,
-B 128, 300 iterations, warm-up 15, G's LR annealed (measurements at ``_MNIST_QUICK``).
+B 64, 600 iterations, warm-up 30, G's LR annealed (measurements at ``_MNIST_QUICK``).
 """
 from __future__ import annotations
 
@@ -133,7 +133,13 @@ _MNIST_PAPER = {"nz": 100, "batch_size": 512, "iterations": 2000, "lr_s": 0.01, 
 # ngf 8, with it 94.63 / 94.26 / 91.53 (seeds 0 / 1 / 2) at ~0.75x the wall, validation rising to the end.
 # Tried on seed 0 and not taken: ngf 8 without the G cosine 94.49; ngf 16 for 600 iterations 90.48; ngf 8 / 600
 # 94.38; ngf 4 / 600 94.70; B 256 93.99; eta_s 0 / 0.1 93.64 / 92.62 (0.05: 94.63).
-_MNIST_QUICK = {**_MNIST_PAPER, "ngf": 8, "batch_size": 128, "iterations": 300, "warmup": 15, "g_schedule": "cosine"}
+# Session 15: the same images in twice the steps, B 64 for 600 iterations (warm-up scaled to 30), at 1.08x the
+# wall.  Seeds 0-4 on the 99.16% teacher: 94.63 / 94.26 / 91.53 / 91.49 / 92.31 -> 94.03 / 93.62 / 93.46 / 93.97 /
+# 91.45 (mean 92.84 -> 93.31); seeds 0-2 on a 99.19% teacher of the same recipe: 91.83 / 93.47 / 91.55 -> 92.33 /
+# 95.29 / 93.79.  Over the 8 pairs +0.86 points on average and 6 runs >= 93% against 3; the lowest run stays ~91.5,
+# so the 95% mean and 93% floor are still not met.  Not taken: B 32 for 1,200 iterations (seed 0, 99.19% teacher:
+# 87.57), lr_s 0.03 (84.94).
+_MNIST_QUICK = {**_MNIST_PAPER, "ngf": 8, "batch_size": 64, "iterations": 600, "warmup": 30, "g_schedule": "cosine"}
 
 
 # ----------------------------------------------------------------------------- losses (spec §3.4)
