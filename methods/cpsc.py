@@ -53,7 +53,8 @@ re-normalizes; with default biases its outputs are nearly one constant direction
 
 Recipes [ours where marked in the spec]: MNIST S SGD 0.01 (momentum 0.9 kept from the CIFAR column,
 which the MNIST column does not restate), wd 1e-4, warm-up 100; nz 100 on MNIST.  Quick MNIST: ngf 8,
-B 64, 600 iterations, warm-up 30, G's LR annealed (measurements at ``_MNIST_QUICK``).
+B 64, 600 iterations, warm-up 30, G's LR 2.5e-4 (the paper's 1e-3 is for B 512) annealed by a cosine (measurements
+at ``_MNIST_QUICK``).
 """
 from __future__ import annotations
 
@@ -139,7 +140,14 @@ _MNIST_PAPER = {"nz": 100, "batch_size": 512, "iterations": 2000, "lr_s": 0.01, 
 # 95.29 / 93.79.  Over the 8 pairs +0.86 points on average and 6 runs >= 93% against 3; the lowest run stays ~91.5,
 # so the 95% mean and 93% floor are still not met.  Not taken: B 32 for 1,200 iterations (seed 0, 99.19% teacher:
 # 87.57), lr_s 0.03 (84.94).
-_MNIST_QUICK = {**_MNIST_PAPER, "ngf": 8, "batch_size": 64, "iterations": 600, "warmup": 30, "g_schedule": "cosine"}
+# Session 16 (an Intel Xeon machine, the same 99.16% teacher): that profile gave 93.85 / 94.55 / 87.65 on seeds 0-2
+# (seed 2's validation fell from 89 to 83-88% after iteration 350), i.e. the G step, 1e-3 at the paper's B 512, is
+# too large at B 64.  G's base lr over seeds 0-2 (test % last iterate; mean best validation): 1e-3 92.02 (92.01),
+# 5e-4 94.91 (94.37), 2.5e-4 95.66 / 94.81 / 95.40 = 95.29 (94.73), 1.25e-4 (the linear batch rule) 96.49 / 95.01 /
+# 94.75 = 95.42 (94.76).  2.5e-4 and 1.25e-4 tie on validation; 2.5e-4 has the higher lowest validation (94.53 vs
+# 94.28).  Also tried on this machine and not taken: lr_s 0.005, ngf 4, 900 iterations (seed 2: 92.20 / 92.91 / 87.38).
+_MNIST_QUICK = {**_MNIST_PAPER, "ngf": 8, "batch_size": 64, "iterations": 600, "warmup": 30, "g_schedule": "cosine",
+                "lr_g": 2.5e-4}
 
 
 # ----------------------------------------------------------------------------- losses (spec §3.4)
