@@ -71,7 +71,8 @@ class DAFLHparams(CommonHparams):
     profiles); a smaller ``batch_size`` flags the run ``batch_below_paper``.  ``student_optimizer``
     ``adam`` (MNIST) or ``sgd`` (CIFAR, with ``momentum``/``weight_decay``); ``schedule`` /
     ``milestones`` (fractions of the iterations) / ``gamma`` apply to S only, as in the released
-    code; ``g_schedule`` is G's (``none``: the released constant lr; quick profiles anneal G too).
+    code; ``g_schedule`` is G's (``none``: the released constant lr, also on the quick profiles; ``cosine``
+    anneals G's lr over the run, measured and not taken, see README).
     ``fused_upsample``: an execution option of GeneratorA (same
     function).  ``samples``: images in the final sample grid.
     """

@@ -61,8 +61,8 @@ CIFAR_QUICK = {**CIFAR_PAPER, **QUICK}
 # 0-2, test % last iterate): 28.66 / 59.07 / 35.65 (session 12) -> 55.89 / 72.72 / 57.73, mean 41.13 -> 62.11, same
 # cost; validation still rising at the end.  Under the 93% floor: on this BN teacher G still finds inputs it answers
 # with large logits (README "Why DFAD fails with the BN teacher").  On the BN-less lenet5 (99.18%) neutral: seeds 0 / 1
-# 94.14 / 97.89 -> 96.85 / 95.78.  The same change on CGDD (same recipe) was not taken: lenet5-bn 58.85 -> 73.27 mean,
-# but lenet5 seed 0 90.85 -> 81.69.
+# 94.14 / 97.89 -> 96.85 / 95.78.  CGDD's quick MNIST profile is this one (its recipes are DFAD's, spec §3.3;
+# session 17, methods/cgdd.py).
 MNIST_QUICK = {**QUICK, "iterations": 750, "schedule": "multistep", "milestones": (0.8,), "lr_g": 2.5e-4}
 
 

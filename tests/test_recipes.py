@@ -94,6 +94,19 @@ def test_cpsc_quick_mnist_keeps_the_papers_losses_and_ratios() -> None:
     assert (paper.lr_g, quick.lr_g, quick.g_schedule) == (1e-3, 2.5e-4, "cosine")
 
 
+def test_cgdd_quick_mnist_is_dfads_and_keeps_cgdds_losses() -> None:
+    # Spec §3.3: CGDD's recipes are exactly DFAD's, so its quick MNIST profile is DFAD's (session 17: 750 iterations,
+    # ×0.1 at 80%, G's lr 2.5e-4 at B 128 lifted the default grid's CGDD from 58.85 to 76.74% mean over seeds 0-2);
+    # the loss weights and the 5 S : 1 G ratio stay CGDD's paper values.
+    dfad, quick, paper = resolved("dfad", "mnist", "quick"), resolved("cgdd", "mnist", "quick"), resolved("cgdd", "mnist")
+    recipe = ("ngf", "batch_size", "iterations", "schedule", "milestones", "lr_g", "lr_s", "momentum",
+              "weight_decay", "nz", "eval_every")
+    assert [getattr(quick, k) for k in recipe] == [getattr(dfad, k) for k in recipe]
+    assert (quick.iterations, quick.lr_g, quick.schedule, step_fractions(quick)) == (750, 2.5e-4, "multistep", [0.8])
+    losses = ("lambda_ce", "lambda_adv", "lambda_bn", "lambda_at", "lambda_sce", "s_steps")
+    assert [getattr(quick, k) for k in losses] == [getattr(paper, k) for k in losses] == [1.0, 1.0, 0.0, 250.0, 0.0, 5]
+
+
 # ----------------------------------------------------------------------------- KD-ORI (spec §4.1)
 def test_kd_ori_recipes() -> None:
     mnist = resolved("kd-real", "mnist")
