@@ -43,7 +43,7 @@ from .core.schedules import scheduler, sgd
 from .dfad import CIFAR_PAPER as DFAD_CIFAR_PAPER
 from .dfad import MNIST_QUICK as DFAD_MNIST_QUICK
 
-CIFAR_MILESTONES = (0.2, 0.4)  # iterations 5k and 10k of 25k (DFAD, spec §3.1)
+CIFAR_MILESTONES = DFAD_CIFAR_PAPER["milestones"]  # iterations 5k and 10k of 25k (DFAD, spec §3.1)
 
 
 @dataclass
@@ -69,9 +69,8 @@ class CGDDHparams(CommonHparams):
     milestones: tuple[float, ...] = hp(CIFAR_MILESTONES, ge=0, le=1)
 
 
-# Profiles: DFAD's own (spec §3.3: CGDD's recipes are exactly DFAD's), imported rather than restated.
-# Quick MNIST profile [ours]: DFAD's quick MNIST profile itself (spec §3.3: CGDD's recipes are exactly DFAD's):
-# ngf 16, B 128, 750 iterations, ×0.1 on S and G at 80%, G's lr 1e-3 -> 2.5e-4 (scaled with the batch, 512 -> 128).
+# Profiles: DFAD's own, imported rather than restated (spec §3.3: CGDD's recipes are exactly DFAD's).  Quick MNIST
+# [ours]: ngf 16, B 128, 750 iterations, ×0.1 on S and G at 80%, G's lr 1e-3 -> 2.5e-4 (scaled with the batch, 512 -> 128).
 # Session 17 (test % last iterate, seeds 0 / 1 / 2), the spec §6 profile (500 iterations, G's lr 1e-3, no schedule)
 # against this one: on lenet5-bn 99.16% (the default grid's pair) 58.92 / 65.53 / 52.10 (session 12) -> 79.43 /
 # 79.25 / 71.53, mean 58.85 -> 76.74, 1.5x the cost; on the BN-less lenet5 (99.19%) 90.89 / 90.29 / 88.48 -> 85.50 /
